@@ -38,7 +38,7 @@ class EngineConfig:
     act_bits, weight_bits, out_bits : int
         Input activation, weight and requantized output widths.
     max_taps : int
-        Largest ``Cin*K*K`` a layer may have.
+        Largest ``Cin*K*K`` a layer may have (at most 65535: tap indices are 16 bits).
     max_ifmap : int
         Largest ifmap tile, in activations (``Cin*H*W``).
     max_cout : int
@@ -50,9 +50,11 @@ class EngineConfig:
     max_p : int
         Largest zero-prediction window (0 when ``zero_pred`` is not built).
     bus_bits : int
-        Width of the command and result stream data (a multiple of 8).
+        Width of the command and result stream data (a multiple of 32).
     features : frozenset of str
         Subset of :data:`FEATURES`.
+    trace : bool
+        Build the per-position MAC trace buffer (``RUN`` with the trace bit answers ``TRACE``).
     """
 
     lanes: int = 8
@@ -68,6 +70,7 @@ class EngineConfig:
     max_p: int = 4
     bus_bits: int = 32
     features: frozenset = field(default_factory=lambda: frozenset(FEATURES))
+    trace: bool = True
 
     def __post_init__(self):
         if not isinstance(self.features, frozenset):
@@ -77,15 +80,18 @@ class EngineConfig:
         _check_int("act_bits", self.act_bits, 2, 16)
         _check_int("weight_bits", self.weight_bits, 2, 16)
         _check_int("out_bits", self.out_bits, 1, 16)
-        _check_int("max_taps", self.max_taps, 1, 1 << 20)
+        _check_int("max_taps", self.max_taps, 1, 65535)
         _check_int("max_ifmap", self.max_ifmap, 1, 1 << 24)
         _check_int("max_cout", self.max_cout, 1, 1 << 16)
         _check_int("max_ofmap", self.max_ofmap, 1, 1 << 24)
         _check_int("max_k", self.max_k, 1, 15)
         _check_int("max_p", self.max_p, 0, 8)
-        _check_int("bus_bits", self.bus_bits, 8, 1024)
-        if self.bus_bits % 8:
-            raise ConfigError(f"EngineConfig.bus_bits must be a multiple of 8, not {self.bus_bits!r}")
+        _check_int("bus_bits", self.bus_bits, 32, 1024)
+        if self.bus_bits % 32:
+            raise ConfigError(
+                f"EngineConfig.bus_bits must be a multiple of 32, not {self.bus_bits!r}")
+        if not isinstance(self.trace, bool):
+            raise ConfigError(f"EngineConfig.trace must be a bool, not {self.trace!r}")
         unknown = sorted(self.features - set(FEATURES))
         if unknown:
             raise ConfigError(
@@ -156,6 +162,6 @@ PRESETS = {
     "default": EngineConfig(),
     "dense": EngineConfig(features=frozenset()),
     # Small enough for an iCE40 UP5K (8 SB_MAC16, 30 EBR).
-    "icebreaker": EngineConfig(lanes=2, max_taps=256, max_ifmap=2048, max_cout=16,
+    "icebreaker": EngineConfig(lanes=2, max_taps=256, max_ifmap=2048, max_cout=16, trace=False,
                                max_ofmap=2048, max_k=5, max_p=2),
 }
