@@ -1,2 +1,57 @@
-def main(argv=None):
-    print("skipconv")
+"""The ``skipconv`` command line.
+
+Each subcommand lives in a module named ``cmd_<name>.py`` in one of the four subpackages
+(``skipconv.sw``, ``skipconv.hw``, ``skipconv.sim``, ``skipconv.boards``) and defines:
+
+* ``HELP``: a one-line summary;
+* ``add_arguments(parser)``: its options;
+* ``run(args) -> int``: the work (import heavy modules inside it so ``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+__all__ = ["main", "build_parser"]
+
+_PACKAGES = ("skipconv.sw", "skipconv.hw", "skipconv.sim", "skipconv.boards")
+
+
+def _command_modules():
+    found = {}
+    for pkg_name in _PACKAGES:
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if info.name.startswith("cmd_"):
+                found[info.name[4:]] = f"{pkg_name}.{info.name}"
+    return dict(sorted(found.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="skipconv",
+        description="Generate, simulate and drive conv2d+ReLU engines that skip work.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, mod_name in _command_modules().items():
+        mod = importlib.import_module(mod_name)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
