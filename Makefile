@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.skipconv-installed
 # Tests run on both cores; the cocotb/Verilator builds are cached under .cache/.
 PYTEST_ARGS ?= -n 2
+# Caches (trained models, simulator builds) live in the checkout, so a fresh clone starts cold.
+export SKIPCONV_CACHE ?= $(CURDIR)/.cache
 
 .PHONY: demo test install clean
 
