@@ -1,0 +1,312 @@
+"""The NumPy golden model of one engine layer: the single source of truth (docs/semantics.md).
+
+``run(layer, x, g)`` returns every output, the performed MACs of every position, its outcome
+and the per-layer accounting. It is vectorized over output positions: the loops are over
+channels (early-termination refinement) and never over positions.
+
+Exactness: every sum is formed by a float matrix product only where the bound on its
+magnitude keeps float arithmetic exact (float32 below 2**24, float64 below 2**53); beyond that
+it falls back to int64 products.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .layer import COMPUTE, CONST, COPY, INT32_MAX, Layer, LayerError, atomic_write_bytes
+
+__all__ = ["OUTCOMES", "COMPUTED", "PREDICTED", "STOPPED", "Result", "run", "im2col", "requantize"]
+
+#: Outcome of a position, indexed by the codes stored in ``Result.outcome``.
+OUTCOMES = ("computed", "const", "copy", "predicted", "stopped")
+COMPUTED, PREDICTED, STOPPED = 0, 3, 4   # CONST (1) and COPY (2) share the plan's codes
+
+_COUNTERS = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
+_F32_EXACT = 1 << 24
+_F64_EXACT = 1 << 53
+_REFINE_BLOCK = 1 << 22   # elements per early-termination refinement block (~32 MB float64)
+
+
+@dataclass
+class Result:
+    """What running one layer produced (semantics.md sections 5 and 7)."""
+
+    out: np.ndarray          # (Cout, Ho, Wo) int64
+    macs: np.ndarray         # (Cout, Ho, Wo) int64, performed MACs per position
+    outcome: np.ndarray      # (Cout, Ho, Wo) int8, index into OUTCOMES
+    dense: int = 0
+    performed: int = 0
+    velcro: int = 0
+    perforation: int = 0
+    zero_pred: int = 0
+    early_term: int = 0
+    positions: dict = field(default_factory=dict)
+    cycles: int | None = None
+
+    def accounting(self) -> dict:
+        """The per-layer MAC counters (``dense == performed + velcro + ... + early_term``)."""
+        return {name: int(getattr(self, name)) for name in _COUNTERS}
+
+    @property
+    def skipped(self) -> int:
+        return self.dense - self.performed
+
+    def to_npz(self, path) -> None:
+        """Write the section-7 result file (atomically)."""
+        import io
+        arrays = {"out": self.out, "macs": self.macs, "outcome": self.outcome}
+        arrays.update({k: np.int64(v) for k, v in self.accounting().items()})
+        arrays.update({f"positions_{k}": np.int64(self.positions.get(k, 0)) for k in OUTCOMES})
+        if self.cycles is not None:
+            arrays["cycles"] = np.int64(self.cycles)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def from_npz(cls, path) -> "Result":
+        with np.load(os.fspath(path), allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+        missing = [k for k in ("out", "macs", *_COUNTERS) if k not in data]
+        if missing:
+            raise LayerError(f"result file {os.fspath(path)!r}: array {missing[0]!r} is missing")
+        out = data["out"].astype(np.int64)
+        outcome = data.get("outcome")
+        return cls(
+            out=out, macs=data["macs"].astype(np.int64),
+            outcome=(outcome.astype(np.int8) if outcome is not None
+                     else np.zeros(out.shape, np.int8)),
+            **{k: int(data[k]) for k in _COUNTERS},
+            positions={k: int(data[f"positions_{k}"]) for k in OUTCOMES
+                       if f"positions_{k}" in data},
+            cycles=int(data["cycles"]) if "cycles" in data else None,
+        )
+
+    def mismatches(self, other: "Result") -> list[str]:
+        """Describe how ``other`` differs from this result (empty when bit-identical)."""
+        problems = []
+        for name in ("out", "macs"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a.shape != b.shape:
+                problems.append(f"{name}: shape {b.shape} != {a.shape}")
+                continue
+            diff = np.argwhere(a != b)
+            if diff.size:
+                c, y, x = (int(v) for v in diff[0])
+                problems.append(f"{name}[{c}, {y}, {x}] = {int(b[c, y, x])}, expected "
+                                f"{int(a[c, y, x])} ({len(diff)} positions differ)")
+        for name in _COUNTERS:
+            if int(getattr(self, name)) != int(getattr(other, name)):
+                problems.append(f"{name} = {int(getattr(other, name))}, expected "
+                                f"{int(getattr(self, name))}")
+        for name in OUTCOMES:
+            if other.positions and self.positions.get(name, 0) != other.positions.get(name, 0):
+                problems.append(f"positions[{name}] = {other.positions.get(name, 0)}, expected "
+                                f"{self.positions.get(name, 0)}")
+        return problems
+
+
+# -- arithmetic helpers ----------------------------------------------------------------------
+
+def im2col(x: np.ndarray, k: int, stride: int, pad: int, dtype=np.float64) -> np.ndarray:
+    """Return the ``(Cin*K*K, Ho*Wo)`` tap matrix; row ``ci*K*K + ky*K + kx`` is that tap."""
+    cin = x.shape[0]
+    xp = np.pad(x.astype(dtype, copy=False), ((0, 0), (pad, pad), (pad, pad)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(1, 2))
+    win = win[:, ::stride, ::stride]                 # (Cin, Ho, Wo, K, K)
+    ho, wo = win.shape[1], win.shape[2]
+    return np.ascontiguousarray(win.transpose(0, 3, 4, 1, 2)).reshape(cin * k * k, ho * wo)
+
+
+def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int) -> np.ndarray:
+    """``w @ cols`` as exact int64, ``w`` (R, T) int64; picks the cheapest exact float width."""
+    if w.size == 0:
+        return np.zeros((w.shape[0], cols_by_dtype("int").shape[1]), np.int64)
+    bound = int(np.abs(w).sum(axis=1).max()) * max(xmax, 1)
+    if bound < _F32_EXACT:
+        return (w.astype(np.float32) @ cols_by_dtype(np.float32)).astype(np.int64)
+    if bound < _F64_EXACT:
+        return (w.astype(np.float64) @ cols_by_dtype(np.float64)).astype(np.int64)
+    return w @ cols_by_dtype("int")
+
+
+class _Taps:
+    """The tap matrix of one input, built once per dtype on demand."""
+
+    def __init__(self, x, layer: Layer):
+        self._x, self._layer, self._cache = x, layer, {}
+        lo, hi = layer.x_range()
+        self.xmax = max(abs(lo), abs(hi))
+
+    def __call__(self, dtype):
+        key = "int" if dtype == "int" else np.dtype(dtype).name
+        if key not in self._cache:
+            dt = np.int64 if dtype == "int" else dtype
+            L = self._layer
+            self._cache[key] = im2col(self._x, L.k, L.stride, L.pad, dt)
+        return self._cache[key]
+
+
+def requantize(acc: np.ndarray, M: np.ndarray, sh: np.ndarray, out_bits: int) -> np.ndarray:
+    """``q(acc)`` of semantics.md section 1, per channel (axis 0), exact."""
+    acc = np.asarray(acc, np.int64)
+    shape = (-1,) + (1,) * (acc.ndim - 1)
+    M = np.asarray(M, np.int64).reshape(shape)
+    sh = np.asarray(sh, np.int64).reshape(shape)
+    rnd = np.where(sh > 0, np.left_shift(np.int64(1), np.maximum(sh - 1, 0)), 0)
+    pos = np.maximum(acc, 0)
+    if pos.size and int(pos.max()) >= (1 << 62) // 65536:
+        # Products beyond int64: use Python integers (only for extreme widths).
+        prod = pos.astype(object) * M.astype(object) + rnd.astype(object)
+        scaled = np.array([int(v) >> int(s) for v, s in
+                           zip(prod.ravel(), np.broadcast_to(sh, prod.shape).ravel())],
+                          dtype=object).reshape(prod.shape)
+        scaled = np.minimum(scaled, (1 << out_bits) - 1).astype(np.int64)
+    else:
+        scaled = np.minimum((pos * M + rnd) >> sh, (1 << out_bits) - 1)
+    return np.where(acc <= 0, 0, scaled).astype(np.int64)
+
+
+# -- early termination -----------------------------------------------------------------------
+
+def _stop_points(L: Layer, acc, taps: _Taps, w2, g: int):
+    """Per position: the check point where early termination stops (or ``T``) and whether it did.
+
+    Returns ``(e, fired)``, both (Cout, P). ``fired`` is true when a rule fired at any check
+    point, including the final one (the output is then 0).
+    """
+    cout, t = w2.shape
+    npos = acc.shape[1]
+    e_stop = np.full((cout, npos), t, np.int64)
+    fired = np.zeros((cout, npos), bool)
+    if L.et == "off":
+        return e_stop, fired
+
+    b = L.b[:, None]
+    rank = np.empty_like(L.order)
+    np.put_along_axis(rank, L.order, np.broadcast_to(np.arange(t), L.order.shape), axis=1)
+
+    def psum_at(e):          # psum after the first e[c] taps of order[c], all positions
+        return b + _exact_products(np.where(rank < e[:, None], w2, 0), taps, taps.xmax)
+
+    # Rule 2: from the first check point at or after neg_start, psum can only fall (weights
+    # <= 0 on a non-negative input; a signed input has neg_start = T, the final check only).
+    e0 = np.minimum(-(-L.neg_start // g) * g, t)
+    ps0 = psum_at(e0)
+    at_e0 = ps0 <= 0
+    e_stop[at_e0] = np.broadcast_to(e0[:, None], e_stop.shape)[at_e0]
+    fired |= at_e0
+    crossing = ~at_e0 & (acc <= 0)        # stops at some check point in (e0, T]
+    for c in np.nonzero(crossing.any(axis=1))[0]:
+        e_stop[c], fired[c] = _refine(c, int(e0[c]), crossing[c], ps0[c], e_stop[c], fired[c],
+                                      L.order[c], w2[c], taps, g, t)
+
+    if L.et == "predictive":
+        # Rule 1 at e == spec: psum <= th stops; it is checked before rule 2 at that point.
+        ps1 = psum_at(L.spec)
+        rule1 = ps1 <= L.th[:, None]
+        spec = np.broadcast_to(L.spec[:, None], e_stop.shape)
+        take = rule1 & (~fired | (spec <= e_stop))
+        e_stop[take] = spec[take]
+        fired |= rule1
+    return e_stop, fired
+
+
+def _refine(c, e0, crossing, ps0, e_row, fired_row, order, w, taps: _Taps, g, t):
+    """Find the first check point after ``e0`` where psum <= 0 for the crossing positions."""
+    e_row, fired_row = e_row.copy(), fired_row.copy()
+    neg_taps = order[e0:]
+    checks = np.arange(g * (e0 // g + 1), t, g, dtype=np.int64)
+    checks = np.append(checks[checks > e0], t)               # check points in (e0, T]
+    rows = checks - e0 - 1                                   # index into the running sum
+    cols = taps(np.float64 if taps.xmax * int(np.abs(w).sum()) < _F64_EXACT else "int")
+    wneg = w[neg_taps].astype(cols.dtype)
+    positions = np.nonzero(crossing)[0]
+    block = max(1, _REFINE_BLOCK // max(1, len(neg_taps)))
+    for start in range(0, len(positions), block):
+        pos = positions[start:start + block]
+        terms = cols[np.ix_(neg_taps, pos)] * wneg[:, None]
+        run = np.cumsum(terms, axis=0)[rows] + ps0[pos].astype(cols.dtype)
+        first = np.argmax(run <= 0, axis=0)                  # exists: psum(T) = acc <= 0
+        e_row[pos] = checks[first]
+        fired_row[pos] = True
+    return e_row, fired_row
+
+
+# -- the layer -------------------------------------------------------------------------------
+
+def run(layer: Layer, x: np.ndarray, g: int = 1) -> Result:
+    """Run ``layer`` on input ``x`` with ``g`` MACs per step; see docs/semantics.md."""
+    if not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g < 1:
+        raise LayerError(f"g = {g!r}: must be an integer >= 1")
+    g = int(g)
+    layer.validate(g=g, x=x)
+    L = layer.normalized()
+    x = np.asarray(x, np.int64)
+    cout, ho, wo = L.out_shape
+    t = L.taps
+    npos = ho * wo
+    w2 = L.w.reshape(cout, t)
+    taps = _Taps(x, L)
+
+    acc = L.b[:, None] + _exact_products(w2, taps, taps.xmax)          # (Cout, P)
+    e_stop, fired = _stop_points(L, acc, taps, w2, g)
+
+    if L.raw:
+        value = np.minimum(np.maximum(acc, 0), INT32_MAX)
+    else:
+        value = requantize(acc, L.M, L.sh, L.out_bits)
+    value = np.where(fired, 0, value).reshape(cout, ho, wo)
+    e_stop = e_stop.reshape(cout, ho, wo)
+
+    kind = L.kind
+    out = np.where(kind == CONST, L.const, value)
+
+    predicted = np.zeros((cout, ho, wo), bool)
+    if L.p:
+        predicted = _predicted_followers(out, kind, L.leader, L.p)
+        out = np.where(predicted, 0, out)
+
+    copy = kind == COPY
+    if copy.any():
+        ny, nx = L.nn[..., 0], L.nn[..., 1]
+        out = np.where(copy, out[:, ny, nx], out)
+
+    computed = (kind == COMPUTE) & ~predicted
+    macs = np.where(computed, e_stop, 0).astype(np.int64)
+    outcome = np.full((cout, ho, wo), COMPUTED, np.int8)
+    outcome[kind == CONST] = CONST
+    outcome[copy] = COPY
+    outcome[predicted] = PREDICTED
+    outcome[computed & (e_stop < t)] = STOPPED
+
+    counts = np.bincount(outcome.ravel(), minlength=len(OUTCOMES))
+    n_const, n_copy, n_pred = int(counts[CONST]), int(counts[COPY]), int(counts[PREDICTED])
+    result = Result(
+        out=out.astype(np.int64), macs=macs, outcome=outcome,
+        dense=cout * npos * t,
+        performed=int(macs.sum()),
+        velcro=n_const * t,
+        perforation=n_copy * t,
+        zero_pred=n_pred * t,
+        early_term=int((t - e_stop)[computed].sum()),
+        positions={name: int(counts[i]) for i, name in enumerate(OUTCOMES)},
+    )
+    total = (result.performed + result.velcro + result.perforation + result.zero_pred
+             + result.early_term)
+    assert total == result.dense, "MAC identity broken: a bug in the golden model"
+    return result
+
+
+def _predicted_followers(out, kind, leader, p):
+    """Followers (COMPUTE, not leaders) of windows whose leaders are all zero."""
+    cout, ho, wo = out.shape
+    hp, wp = -(-ho // p) * p, -(-wo // p) * p
+    nonzero_leader = np.zeros((cout, hp, wp), bool)           # outside the ofmap: zero
+    nonzero_leader[:, :ho, :wo] = leader & (out != 0)
+    live = nonzero_leader.reshape(cout, hp // p, p, wp // p, p).any(axis=(2, 4))
+    window_predicted = np.repeat(np.repeat(~live, p, axis=1), p, axis=2)[:, :ho, :wo]
+    return window_predicted & ~leader & (kind == COMPUTE)
