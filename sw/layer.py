@@ -374,6 +374,9 @@ def _validate(layer: Layer, g, x):
     # Early termination.
     if layer.et not in ET_MODES:
         raise _err("et", layer.et, f"must be one of {', '.join(ET_MODES)}")
+    if layer.et == "exact" and layer.act_signed:
+        raise _err("et", "exact", "exact early termination needs a non-negative input "
+                   "(act_signed is true)")
     if layer.order is not None:
         order = _int_array("order", layer.order, (cout, t), 0, t - 1)
         srt = np.sort(order, axis=1)
@@ -401,9 +404,6 @@ def _validate(layer: Layer, g, x):
             c = int(np.nonzero(neg != t)[0][0])
             raise _err(f"neg_start[{c}]", int(neg[c]),
                        f"a signed input allows only neg_start = |T| = {t}")
-    if layer.et == "exact" and layer.act_signed:
-        raise _err("et", "exact", "exact early termination needs a non-negative input "
-                   "(act_signed is true)")
     if layer.et == "predictive":
         if layer.spec is None or layer.th is None:
             raise _err("spec" if layer.spec is None else "th", None,
