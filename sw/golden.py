@@ -27,7 +27,9 @@ COMPUTED, PREDICTED, STOPPED = 0, 3, 4   # CONST (1) and COPY (2) share the plan
 _COUNTERS = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
 _F32_EXACT = 1 << 24
 _F64_EXACT = 1 << 53
-_REFINE_BLOCK = 1 << 22   # elements per early-termination refinement block (~32 MB float64)
+_REFINE_BLOCK = 1 << 21   # elements per chunk of the early-termination search (~16 MB int64)
+_BLOCK_TAPS = 24          # taps per early-termination search block (matmuls vs gathers)
+_MAX_BLOCKS = 16
 
 
 @dataclass
@@ -200,9 +202,11 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, g: int):
     e_stop[at_e0] = np.broadcast_to(e0[:, None], e_stop.shape)[at_e0]
     fired |= at_e0
     crossing = ~at_e0 & (acc <= 0)        # stops at some check point in (e0, T]
-    for c in np.nonzero(crossing.any(axis=1))[0]:
-        e_stop[c], fired[c] = _refine(c, int(e0[c]), crossing[c], ps0[c], e_stop[c], fired[c],
-                                      L.order[c], w2[c], taps, g, t)
+    if crossing.any():
+        c_idx, p_idx = np.nonzero(crossing)
+        e_stop[c_idx, p_idx] = _first_stop(L.order, w2, rank, e0, ps0, crossing, c_idx, p_idx,
+                                           taps, g)
+        fired |= crossing
 
     if L.et == "predictive":
         # Rule 1 at e == spec: psum <= th stops; it is checked before rule 2 at that point.
@@ -215,25 +219,71 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, g: int):
     return e_stop, fired
 
 
-def _refine(c, e0, crossing, ps0, e_row, fired_row, order, w, taps: _Taps, g, t):
-    """Find the first check point after ``e0`` where psum <= 0 for the crossing positions."""
-    e_row, fired_row = e_row.copy(), fired_row.copy()
-    neg_taps = order[e0:]
-    checks = np.arange(g * (e0 // g + 1), t, g, dtype=np.int64)
-    checks = np.append(checks[checks > e0], t)               # check points in (e0, T]
-    rows = checks - e0 - 1                                   # index into the running sum
-    cols = taps(np.float64 if taps.xmax * int(np.abs(w).sum()) < _F64_EXACT else "int")
-    wneg = w[neg_taps].astype(cols.dtype)
-    positions = np.nonzero(crossing)[0]
-    block = max(1, _REFINE_BLOCK // max(1, len(neg_taps)))
-    for start in range(0, len(positions), block):
-        pos = positions[start:start + block]
-        terms = cols[np.ix_(neg_taps, pos)] * wneg[:, None]
-        run = np.cumsum(terms, axis=0)[rows] + ps0[pos].astype(cols.dtype)
-        first = np.argmax(run <= 0, axis=0)                  # exists: psum(T) = acc <= 0
-        e_row[pos] = checks[first]
-        fired_row[pos] = True
-    return e_row, fired_row
+def _first_stop(order, w2, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Taps, g):
+    """First check point after ``e0`` with psum <= 0, for each crossing (channel, position).
+
+    The psum only falls after ``e0``, so the search is in two levels: psums at a few block
+    boundaries by masked matrix products (cheap in BLAS), then a running sum inside the one
+    block where each pair crosses, vectorized over all pairs.
+    """
+    cout, t = w2.shape
+    neg_len = t - e0
+    n_blocks = int(np.clip(-(-int(neg_len.max()) // _BLOCK_TAPS), 1, _MAX_BLOCKS))
+    bounds = [e0]
+    for j in range(1, n_blocks):
+        step = -(-(j * neg_len) // (n_blocks * g)) * g          # multiples of g: check points
+        bounds.append(np.minimum(e0 + step, t))
+    bounds.append(np.full(cout, t))
+    cols_any = crossing.any(axis=0)
+    reduced = {}
+
+    def reduced_taps(dtype):                    # the tap matrix on the crossing columns only
+        key = str(dtype)
+        if key not in reduced:
+            reduced[key] = np.ascontiguousarray(taps(dtype)[:, cols_any])
+        return reduced[key]
+    lo_rank = e0[c_idx].copy()                  # block start (a check point) of each pair
+    lo_psum = ps0[c_idx, p_idx].copy()
+    hi_rank = np.full(len(c_idx), t)
+    open_ = np.ones(len(c_idx), bool)           # crossing not yet located
+    col_pos = np.cumsum(cols_any) - 1           # position -> column in the reduced matrix
+    n_cols = int(cols_any.sum())
+    pair_flat = c_idx * n_cols + col_pos[p_idx]
+    ps0_pairs = ps0[c_idx, p_idx]
+    for j in range(1, n_blocks):
+        inside = (rank >= e0[:, None]) & (rank < bounds[j][:, None])
+        part = _exact_products(np.where(inside, w2, 0), reduced_taps, taps.xmax)
+        ps_j = ps0_pairs + np.take(part, pair_flat)
+        b_j = bounds[j][c_idx]
+        crossed = open_ & (ps_j <= 0)
+        hi_rank[crossed] = b_j[crossed]
+        still = open_ & ~crossed
+        lo_rank[still], lo_psum[still] = b_j[still], ps_j[still]
+        open_ = still
+
+    # Inside the block: running sum over the taps of ranks lo..hi-1, pair by pair.
+    # Flat tables so that each gather is one np.take on a contiguous array.
+    ordered_w = np.take_along_axis(w2, order, axis=1).ravel()  # weight of the r-th tap
+    order_flat = order.ravel()
+    cols = reduced_taps("int").ravel()
+    width = int((hi_rank - lo_rank).max())
+    steps = np.arange(width)
+    result = np.empty(len(c_idx), np.int64)
+    chunk = max(1, _REFINE_BLOCK // max(width, 1))
+    for s in range(0, len(c_idx), chunk):
+        sl = slice(s, s + chunk)
+        c, p, lo, hi = c_idx[sl], p_idx[sl], lo_rank[sl], hi_rank[sl]
+        r = lo[:, None] + steps[None, :]                       # (n, width) tap ranks
+        valid = r < hi[:, None]
+        r = np.minimum(r, t - 1)
+        flat = c[:, None] * t + r
+        tap = np.take(order_flat, flat)
+        terms = np.take(ordered_w, flat) * np.take(cols, tap * n_cols + col_pos[p][:, None])
+        run = lo_psum[sl, None] + np.cumsum(np.where(valid, terms, 0), axis=1)
+        e = r + 1                                               # taps done after each term
+        is_check = valid if g == 1 else valid & ((e % g == 0) | (e == t))
+        result[sl] = e[np.arange(len(c)), np.argmax(is_check & (run <= 0), axis=1)]
+    return result
 
 
 # -- the layer -------------------------------------------------------------------------------
