@@ -1,0 +1,218 @@
+"""What every method search shares: a network on a set of images, evaluated with a plan.
+
+A *plan* is a dict ``{layer index: configured Layer}``; layers not named run as exported
+(dense). :class:`NetEval` evaluates a plan on its images with the batch emulator (searches)
+and :func:`golden_eval` evaluates it with the golden model, one image at a time (the numbers
+we report). Both return an :class:`Evaluation`: top-1 accuracy, mean NLL and the per-layer MAC
+counters of docs/semantics.md section 5.
+
+The network is anything with ``layers`` (list of :class:`~skipconv.sw.layer.Layer`) and
+``forward_int(x, conv=...)`` that evaluates the integer network with every engine layer run
+by ``conv(layer, x_int) -> out_int`` (the exporter's ``ExportedNet``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..layer import Layer
+from .emulate import COUNTERS, emulate
+
+__all__ = ["Evaluation", "NetEval", "golden_eval", "mac_reduction", "sum_counters",
+           "plan_from_layers", "validate_plan"]
+
+
+def sum_counters(per_layer: list[dict]) -> dict:
+    """Add the MAC counters of several layers (or images)."""
+    total = {k: 0 for k in COUNTERS}
+    for c in per_layer:
+        for k in COUNTERS:
+            total[k] += int(c.get(k, 0))
+    return total
+
+
+def mac_reduction(counters: dict) -> float:
+    """``1 - performed / dense`` of a counter dict (0 when there are no MACs)."""
+    dense = counters.get("dense", 0)
+    return 1.0 - counters["performed"] / dense if dense else 0.0
+
+
+@dataclass
+class Evaluation:
+    """One plan evaluated on one image set."""
+
+    acc: float                       # top-1 accuracy, 0..1
+    nll: float                       # mean negative log-likelihood of the labels
+    layers: list                     # per engine layer: dict of MAC counters
+    positions: list = field(default_factory=list)   # per engine layer: outcome counts
+    pred: np.ndarray | None = None   # (N,) predicted classes
+
+    @property
+    def total(self) -> dict:
+        return sum_counters(self.layers)
+
+    @property
+    def mac_reduction(self) -> float:
+        return mac_reduction(self.total)
+
+    @property
+    def saved(self) -> int:
+        t = self.total
+        return t["dense"] - t["performed"]
+
+    def summary(self) -> dict:
+        return {"acc": self.acc, "nll": self.nll, "mac_reduction": self.mac_reduction,
+                **{k: v for k, v in self.total.items()}}
+
+
+def _logits_np(logits) -> np.ndarray:
+    if hasattr(logits, "detach"):
+        logits = logits.detach().cpu().numpy()
+    return np.asarray(logits, dtype=np.float64)
+
+
+def _score(logits, y) -> tuple[float, float, np.ndarray]:
+    z = _logits_np(logits)
+    pred = z.argmax(axis=1)
+    zs = z - z.max(axis=1, keepdims=True)
+    logp = zs - np.log(np.exp(zs).sum(axis=1, keepdims=True))
+    y = np.asarray(y, np.int64)
+    return float((pred == y).mean()), float(-logp[np.arange(len(y)), y].mean()), pred
+
+
+def validate_plan(plan: dict, layers: list, g: int) -> None:
+    """Check every configured layer (semantics rules, shapes equal to the exported layer)."""
+    for i, L in plan.items():
+        if not 0 <= i < len(layers):
+            raise ValueError(f"plan names layer {i!r}; the network has {len(layers)} layers")
+        base = layers[i]
+        if tuple(L.in_shape) != tuple(base.in_shape) or L.w.shape != base.w.shape:
+            raise ValueError(f"plan layer {i} ({L.name!r}) does not match the exported layer")
+        L.validate(g=g)
+
+
+def plan_from_layers(configured: list, exported: list) -> dict:
+    """The plan that replaces every exported layer by the configured one at the same index."""
+    return {i: L for i, (L, E) in enumerate(zip(configured, exported)) if L is not E}
+
+
+class NetEval:
+    """A network, an image set and its labels, evaluated by batch emulation.
+
+    ``capture=True`` in :meth:`run` also returns every engine layer's integer input and output
+    (as lists of arrays, batch first), for statistics (spatial correlation, VELCRO moments,
+    impacts).
+    """
+
+    def __init__(self, net, x, y, g: int = 1):
+        self.net = net
+        self.x = x
+        self.y = np.asarray(y, np.int64)
+        self.g = int(g)
+        self.layers = list(net.layers)
+        self._base = None
+
+    def __len__(self):
+        return len(self.y)
+
+    def index_of(self, layer) -> int:
+        for i, L in enumerate(self.layers):
+            if L is layer:
+                return i
+        for i, L in enumerate(self.layers):        # fall back to the name (copies)
+            if layer.name and L.name == layer.name:
+                return i
+        raise KeyError(f"layer {layer.name!r} is not one of the network's engine layers")
+
+    def run(self, plan: dict | None = None, *, capture: bool = False,
+            validated: bool = True) -> Evaluation | tuple:
+        """Evaluate ``plan`` (``None``: dense). Returns an Evaluation (and captures)."""
+        plan = plan or {}
+        per_layer = [None] * len(self.layers)
+        positions = [None] * len(self.layers)
+        ins, outs = [None] * len(self.layers), [None] * len(self.layers)
+
+        def conv(layer, x_int):
+            i = self.index_of(layer)
+            L = plan.get(i, self.layers[i])
+            xb = np.asarray(x_int)
+            single = xb.ndim == 3
+            if single:
+                xb = xb[None]
+            r = emulate(L, xb, self.g, validate=not validated)
+            per_layer[i] = sum_counters([per_layer[i] or {}, r.counters])
+            positions[i] = {k: (positions[i] or {}).get(k, 0) + v for k, v in r.positions.items()}
+            if capture:
+                ins[i], outs[i] = xb, r.out
+            return r.out[0] if single else r.out
+
+        logits = self.net.forward_int(self.x, conv=conv)
+        acc, nll, pred = _score(logits, self.y)
+        ev = Evaluation(acc=acc, nll=nll, layers=[c or {k: 0 for k in COUNTERS} for c in per_layer],
+                        positions=positions, pred=pred)
+        return (ev, ins, outs) if capture else ev
+
+    @property
+    def base(self) -> Evaluation:
+        """The dense evaluation (cached)."""
+        if self._base is None:
+            self._base = self.run({})
+        return self._base
+
+    def subset(self, idx) -> "NetEval":
+        idx = np.asarray(idx)
+        return NetEval(self.net, self.x[idx], self.y[idx], self.g)
+
+
+def golden_eval(net, plan: dict, x, y, g: int = 1, *, progress: bool = True,
+                desc: str = "golden") -> Evaluation:
+    """Evaluate ``plan`` with :func:`skipconv.sw.golden.run`, one image per call (reported)."""
+    from tqdm import tqdm
+
+    from .. import golden
+
+    layers = list(net.layers)
+    validate_plan(plan, layers, g)
+    y = np.asarray(y, np.int64)
+    per_layer = [{k: 0 for k in COUNTERS} for _ in layers]
+    positions = [dict() for _ in layers]
+    ids = {id(L): i for i, L in enumerate(layers)}
+    bar = tqdm(total=len(y) * len(layers), desc=desc, disable=not progress, leave=False)
+
+    def conv(layer, x_int):
+        i = ids.get(id(layer))
+        if i is None:
+            i = next(j for j, L in enumerate(layers) if L.name == layer.name)
+        L = plan.get(i, layers[i])
+        xb = np.asarray(x_int)
+        single = xb.ndim == 3
+        if single:
+            xb = xb[None]
+        outs = []
+        for img in xb:
+            r = golden.run(L, img, g)
+            outs.append(r.out)
+            for k in COUNTERS:
+                per_layer[i][k] += int(getattr(r, k))
+            for k, v in r.positions.items():
+                positions[i][k] = positions[i].get(k, 0) + v
+            bar.update(1)
+        out = np.stack(outs)
+        return out[0] if single else out
+
+    try:
+        logits = net.forward_int(x, conv=conv)
+    finally:
+        bar.close()
+    acc, nll, pred = _score(logits, y)
+    return Evaluation(acc=acc, nll=nll, layers=per_layer, positions=positions, pred=pred)
+
+
+def replace(layer: Layer, **changes) -> Layer:
+    """``dataclasses.replace`` that records the change in ``meta['methods']``."""
+    meta = dict(layer.meta or {})
+    meta.setdefault("methods", [])
+    return dataclasses.replace(layer, meta=meta, **changes)

@@ -1,0 +1,218 @@
+"""Batch emulation of engine layers: docs/semantics.md on N inputs at once, for the searches.
+
+The golden model (:mod:`skipconv.sw.golden`) runs one input at a time and is the number we
+report. The method searches evaluate hundreds of candidate configurations on hundreds of
+images, so they use this batch version of the same rules: sums are float64 convolutions
+(exact while every partial sum stays below 2**53, checked), early-termination stop points are
+found like the golden model does (one masked convolution per check rule plus a running sum
+over the non-positive taps of the positions that cross zero later). ``tests/test_methods_*``
+check it against the golden model bit for bit (outputs and every MAC counter).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..layer import COMPUTE, CONST, COPY, INT32_MAX, Layer
+
+__all__ = ["BatchResult", "emulate", "COUNTERS"]
+
+COUNTERS = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
+_F64_EXACT = 1 << 53
+_BLOCK = 1 << 22          # elements per running-sum block (~32 MB float64)
+
+
+@dataclass
+class BatchResult:
+    """Outputs (N, Cout, Ho, Wo) int64 and the layer's MAC counters summed over the batch."""
+
+    out: np.ndarray
+    counters: dict = field(default_factory=dict)
+    positions: dict = field(default_factory=dict)
+    macs: np.ndarray | None = None     # (N, Cout, Ho, Wo) performed MACs, when asked for
+
+
+def _conv(x, w, stride, pad):
+    return F.conv2d(x, w, stride=stride, padding=pad)
+
+
+def emulate(layer: Layer, x, g: int = 1, *, validate: bool = True,
+            macs: bool = False) -> BatchResult:
+    """Run ``layer`` on a batch ``x`` (N, Cin, H, W) of integers; semantics.md, bit-exact."""
+    if validate:
+        layer.validate(g=g)
+    L = layer.normalized() if validate else _normalized_fast(layer)
+    xt = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    if xt.ndim != 4:
+        raise ValueError(f"x.shape = {tuple(xt.shape)}: emulate() takes a batch (N, Cin, H, W)")
+    n = xt.shape[0]
+    cout, ho, wo = L.out_shape
+    t = L.taps
+    lo, hi = L.x_range()
+    bound = int(np.abs(L.w).reshape(cout, -1).sum(axis=1).max()) * max(abs(lo), abs(hi)) \
+        + int(np.abs(L.b).max())
+    if bound >= _F64_EXACT:
+        raise ValueError(f"layer {L.name!r}: sums up to {bound} are not exact in float64; "
+                         "use skipconv.sw.golden for this layer")
+    wt = torch.as_tensor(L.w, dtype=torch.float64)
+    bt = torch.as_tensor(L.b, dtype=torch.float64).view(1, -1, 1, 1)
+    acc = _conv(xt, wt, L.stride, L.pad) + bt                          # (N, Cout, Ho, Wo)
+
+    e_stop = torch.full(acc.shape, t, dtype=torch.int64)
+    fired = torch.zeros(acc.shape, dtype=torch.bool)
+    if L.et != "off":
+        e_stop, fired = _stop_points(L, xt, acc, g, e_stop, fired)
+
+    acc_i = acc.to(torch.int64)
+    if L.raw:
+        value = acc_i.clamp(min=0, max=INT32_MAX)
+    else:
+        M = torch.as_tensor(L.M, dtype=torch.int64).view(1, -1, 1, 1)
+        sh = torch.as_tensor(L.sh, dtype=torch.int64).view(1, -1, 1, 1)
+        rnd = torch.where(sh > 0, torch.ones_like(sh) << (sh - 1).clamp(min=0),
+                          torch.zeros_like(sh))
+        pos = acc_i.clamp(min=0)
+        if int(pos.max()) * int(M.max()) >= (1 << 62):
+            raise ValueError(f"layer {L.name!r}: requantization exceeds int64 in emulation")
+        value = torch.minimum((pos * M + rnd) >> sh, torch.tensor((1 << L.out_bits) - 1))
+        value = torch.where(acc_i <= 0, torch.zeros_like(value), value)
+    value = torch.where(fired, torch.zeros_like(value), value)
+
+    kind = torch.as_tensor(L.kind).unsqueeze(0).expand(n, -1, -1, -1)
+    const = torch.as_tensor(L.const, dtype=torch.int64).unsqueeze(0)
+    out = torch.where(kind == CONST, const.expand_as(value), value)
+
+    predicted = torch.zeros_like(fired)
+    if L.p:
+        predicted = _predicted_followers(out, kind, torch.as_tensor(L.leader), L.p)
+        out = torch.where(predicted, torch.zeros_like(out), out)
+    copy = kind == COPY
+    if bool(copy.any()):
+        ny = torch.as_tensor(L.nn[..., 0])
+        nx = torch.as_tensor(L.nn[..., 1])
+        out = torch.where(copy, out[:, :, ny, nx], out)
+
+    computed = (kind == COMPUTE) & ~predicted
+    n_const = int((kind == CONST).sum())
+    n_copy = int(copy.sum())
+    n_pred = int(predicted.sum())
+    stopped = computed & (e_stop < t)
+    performed = int(torch.where(computed, e_stop, torch.zeros_like(e_stop)).sum())
+    counters = {
+        "dense": n * cout * ho * wo * t,
+        "performed": performed,
+        "velcro": n_const * t,
+        "perforation": n_copy * t,
+        "zero_pred": n_pred * t,
+        "early_term": int(torch.where(computed, t - e_stop, torch.zeros_like(e_stop)).sum()),
+    }
+    positions = {"computed": int((computed & ~stopped).sum()), "const": n_const,
+                 "copy": n_copy, "predicted": n_pred, "stopped": int(stopped.sum())}
+    per_pos = None
+    if macs:
+        per_pos = torch.where(computed, e_stop, torch.zeros_like(e_stop)).numpy()
+    return BatchResult(out=out.numpy().astype(np.int64), counters=counters, positions=positions,
+                       macs=per_pos)
+
+
+def _normalized_fast(layer: Layer) -> Layer:
+    """``normalized()`` without re-validation, for callers that validated the layer already."""
+    import dataclasses
+    cout, ho, wo = layer.out_shape
+    t = layer.taps
+    return dataclasses.replace(
+        layer,
+        M=layer.M if layer.M is not None else np.ones(cout, np.int64),
+        sh=layer.sh if layer.sh is not None else np.zeros(cout, np.int64),
+        kind=np.asarray(layer.kind, np.int64) if layer.kind is not None
+        else np.zeros((cout, ho, wo), np.int64),
+        const=layer.const if layer.const is not None else np.zeros((cout, ho, wo), np.int64),
+        nn=layer.nn if layer.nn is not None else np.zeros((ho, wo, 2), np.int64),
+        leader=(np.asarray(layer.leader, bool) if layer.leader is not None
+                else np.zeros((cout, ho, wo), bool)),
+        order=(np.asarray(layer.order, np.int64) if layer.order is not None
+               else np.tile(np.arange(t, dtype=np.int64), (cout, 1))),
+        neg_start=(np.asarray(layer.neg_start, np.int64) if layer.neg_start is not None
+                   else np.full(cout, t, np.int64)),
+        spec=layer.spec if layer.spec is not None else np.zeros(cout, np.int64),
+        th=layer.th if layer.th is not None else np.zeros(cout, np.int64),
+    )
+
+
+def _rank(order):
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), 1)
+    return rank
+
+
+def _psum_at(L, xt, rank, e):
+    """psum after the first ``e[c]`` taps of ``order[c]``, every position (N, Cout, Ho, Wo)."""
+    wflat = np.asarray(L.w).reshape(L.cout, -1)
+    wm = np.where(rank < np.asarray(e)[:, None], wflat, 0).reshape(L.w.shape)
+    bt = torch.as_tensor(L.b, dtype=torch.float64).view(1, -1, 1, 1)
+    return _conv(xt, torch.as_tensor(wm, dtype=torch.float64), L.stride, L.pad) + bt
+
+
+def _stop_points(L, xt, acc, g, e_stop, fired):
+    t = L.taps
+    order = np.asarray(L.order, np.int64)
+    rank = _rank(order)
+    neg_start = np.asarray(L.neg_start, np.int64)
+    e0 = np.minimum(-(-neg_start // g) * g, t)
+    ps0 = _psum_at(L, xt, rank, e0)
+    at_e0 = ps0 <= 0
+    e0t = torch.as_tensor(e0).view(1, -1, 1, 1).expand_as(e_stop)
+    e_stop = torch.where(at_e0, e0t, e_stop)
+    fired = fired | at_e0
+    crossing = ~at_e0 & (acc <= 0)
+    if bool(crossing.any()):
+        cols = None
+        n = xt.shape[0]
+        for c in torch.nonzero(crossing.any(dim=0).any(dim=1).any(dim=1)).flatten().tolist():
+            if cols is None:
+                cols = F.unfold(xt, L.k, padding=L.pad, stride=L.stride)   # (N, T, P)
+            ec = int(e0[c])
+            neg_taps = torch.as_tensor(order[c, ec:])
+            checks = np.arange(g * (ec // g + 1), t, g, dtype=np.int64)
+            checks = np.append(checks[checks > ec], t)
+            rows = torch.as_tensor(checks - ec - 1)
+            wneg = torch.as_tensor(np.asarray(L.w).reshape(L.cout, -1)[c, order[c, ec:]],
+                                   dtype=torch.float64)
+            cross_c = crossing[:, c].reshape(n, -1)                      # (N, P)
+            idx = torch.nonzero(cross_c)                                  # (k, 2)
+            ps0_c = ps0[:, c].reshape(n, -1)
+            e_c = e_stop[:, c].reshape(n, -1).clone()
+            block = max(1, _BLOCK // max(1, len(neg_taps)))
+            for s in range(0, idx.shape[0], block):
+                ii = idx[s:s + block]
+                terms = cols[ii[:, 0]][:, neg_taps, :]                   # (k, nneg, P)
+                terms = terms[torch.arange(ii.shape[0]), :, ii[:, 1]]     # (k, nneg)
+                run = torch.cumsum(terms * wneg, dim=1)[:, rows] + ps0_c[ii[:, 0], ii[:, 1], None]
+                first = torch.argmax((run <= 0).to(torch.uint8), dim=1)
+                e_c[ii[:, 0], ii[:, 1]] = torch.as_tensor(checks)[first]
+            e_stop[:, c] = e_c.view_as(e_stop[:, c])
+            fired[:, c] |= crossing[:, c]
+    if L.et == "predictive":
+        spec = np.asarray(L.spec, np.int64)
+        ps1 = _psum_at(L, xt, rank, spec)
+        th = torch.as_tensor(np.asarray(L.th), dtype=torch.float64).view(1, -1, 1, 1)
+        rule1 = ps1 <= th
+        spect = torch.as_tensor(spec).view(1, -1, 1, 1).expand_as(e_stop)
+        take = rule1 & (~fired | (spect <= e_stop))
+        e_stop = torch.where(take, spect, e_stop)
+        fired = fired | rule1
+    return e_stop, fired
+
+
+def _predicted_followers(out, kind, leader, p):
+    n, cout, ho, wo = out.shape
+    hp, wp = -(-ho // p) * p, -(-wo // p) * p
+    nz = torch.zeros((n, cout, hp, wp), dtype=torch.bool)
+    nz[:, :, :ho, :wo] = leader.unsqueeze(0) & (out != 0)
+    live = nz.view(n, cout, hp // p, p, wp // p, p).any(dim=5).any(dim=3)
+    win = (~live).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)[:, :, :ho, :wo]
+    return win & ~leader.unsqueeze(0) & (kind == COMPUTE)
