@@ -28,8 +28,7 @@ _COUNTERS = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_
 _F32_EXACT = 1 << 24
 _F64_EXACT = 1 << 53
 _REFINE_BLOCK = 1 << 21   # elements per chunk of the early-termination search (~16 MB int64)
-_BLOCK_TAPS = 24          # taps per early-termination search block (matmuls vs gathers)
-_MAX_BLOCKS = 16
+_MAX_BLOCKS = 32          # most block boundaries in the early-termination search
 
 
 @dataclass
@@ -228,13 +227,18 @@ def _first_stop(order, w2, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Taps, g
     """
     cout, t = w2.shape
     neg_len = t - e0
-    n_blocks = int(np.clip(-(-int(neg_len.max()) // _BLOCK_TAPS), 1, _MAX_BLOCKS))
+    cols_any = crossing.any(axis=0)
+    # Balance the two levels: each block boundary costs a masked (Cout x T) weight matrix and
+    # a product over the crossing columns; the search inside a block costs ~8 element
+    # operations per pair and tap of the block.
+    boundary_cost = cout * t * (int(cols_any.sum()) / 16 + 3)
+    search_cost = len(c_idx) * int(neg_len.max()) * 8
+    n_blocks = int(np.clip(round(np.sqrt(search_cost / boundary_cost)), 1, _MAX_BLOCKS))
     bounds = [e0]
     for j in range(1, n_blocks):
         step = -(-(j * neg_len) // (n_blocks * g)) * g          # multiples of g: check points
         bounds.append(np.minimum(e0 + step, t))
     bounds.append(np.full(cout, t))
-    cols_any = crossing.any(axis=0)
     reduced = {}
 
     def reduced_taps(dtype):                    # the tap matrix on the crossing columns only
@@ -294,7 +298,7 @@ def run(layer: Layer, x: np.ndarray, g: int = 1) -> Result:
         raise LayerError(f"g = {g!r}: must be an integer >= 1")
     g = int(g)
     layer.validate(g=g, x=x)
-    L = layer.normalized()
+    L = layer.normalized(validate=False)
     x = np.asarray(x, np.int64)
     cout, ho, wo = L.out_shape
     t = L.taps

@@ -142,9 +142,13 @@ class Layer:
 
     # -- normalization and validation ------------------------------------------------------
 
-    def normalized(self) -> "Layer":
-        """Return a validated copy with every optional array filled (int64 / bool arrays)."""
-        self.validate()
+    def normalized(self, validate: bool = True) -> "Layer":
+        """Return a copy with every optional array filled (int64 / bool arrays).
+
+        The layer is validated first unless the caller has just done so (``validate=False``).
+        """
+        if validate:
+            self.validate()
         cout, ho, wo = self.out_shape
         t = self.taps
         i64 = lambda a: np.asarray(a, dtype=np.int64)  # noqa: E731
