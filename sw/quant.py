@@ -16,12 +16,14 @@ matters at exact .5 and we pick one rule and keep it).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
 
 __all__ = ["fold_bn", "round_half_away", "weight_scales", "quantize_weights", "act_scale",
-           "quantize_act", "quantize_bias", "requant_params", "M_MAX", "SH_MAX"]
+           "quantize_act", "quantize_bias", "requant_params", "torch_quantized_conv", "M_MAX", "SH_MAX"]
 
 M_MAX = 65535
 SH_MAX = 47
@@ -118,3 +120,44 @@ def requant_params(ratio) -> tuple[np.ndarray, np.ndarray]:
             m = int(np.floor(r * 2.0 ** s + 0.5))
         M[i], sh[i] = int(np.clip(m, 1, M_MAX)), s
     return M, sh
+
+
+def torch_quantized_conv(layer, x_int, engine: str = "fbgemm") -> np.ndarray:
+    """PyTorch's own quantized Conv2d + ReLU on the same integers and scales (a reference).
+
+    Uses ``torch.ao.nn.intrinsic.quantized.ConvReLU2d`` with per-channel ``qint8`` weights
+    (``layer.w``, scales ``meta["s_w"]``), ``quint8`` input of scale ``meta["s_x"]`` (a signed
+    input is shifted to zero point 128, the same real values) and output scale
+    ``meta["s_y"]``, zero point 0. PyTorch requantizes with a float multiplier and rounds
+    half to even, so it may differ from ``q()`` by one LSB. 8-bit layers only.
+    """
+    from torch.ao.nn.intrinsic.quantized import ConvReLU2d
+
+    if (layer.act_bits, layer.weight_bits, layer.out_bits) != (8, 8, 8) or layer.raw:
+        raise ValueError(f"layer {layer.name!r}: the torch reference needs 8-bit activations, "
+                         "weights and outputs (requantized, not raw)")
+    s_x, s_y = float(layer.meta["s_x"]), float(layer.meta["s_y"])
+    s_w = np.asarray(layer.meta["s_w"], np.float64)
+    zp = 128 if layer.act_signed else 0
+    x = np.asarray(x_int, np.int64)
+    single = x.ndim == 3
+    xb = x[None] if single else x
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # quantized dtypes are deprecated
+            m = ConvReLU2d(layer.cin, layer.cout, layer.k, stride=layer.stride,
+                           padding=layer.pad)
+            wq = torch._make_per_channel_quantized_tensor(
+                torch.from_numpy(np.asarray(layer.w, np.int8)), torch.from_numpy(s_w),
+                torch.zeros(layer.cout, dtype=torch.int64), 0)
+            bias = torch.from_numpy(np.asarray(layer.b, np.float64) * s_x * s_w).float()
+            m.set_weight_bias(wq, bias)
+            m.scale, m.zero_point = s_y, 0
+            xq = torch._make_per_tensor_quantized_tensor(
+                torch.from_numpy((xb + zp).astype(np.uint8)), s_x, zp)
+            out = m(xq).int_repr().numpy().astype(np.int64)
+    finally:
+        torch.backends.quantized.engine = before
+    return out[0] if single else out
