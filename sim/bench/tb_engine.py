@@ -1,0 +1,175 @@
+"""The cocotb test module of the engine: runs one job (many steps) in one simulation.
+
+Started by :func:`skipconv.sim.runner.run_bench` with a job built by
+:mod:`skipconv.sim.bench.jobs`. A job is a list of steps:
+
+* ``{"op": "commands", "tag", "chunks", "stall_in", "stall_out", "seed"}``: send the chunks,
+  wait for every reply the model expects, check them word for word;
+* ``{"op": "reset", "tag", "chunks", "after"}``: send the chunks, wait until the engine is
+  ``busy``, let it run ``after`` cycles, pulse ``rst``; the replies received before the reset
+  are checked, and after it the engine must stay silent and idle.
+
+The output (see :func:`run`) has, per step, the engine's reply messages, the expected ones and
+every mismatch, plus the simulated cycles and wall time of the whole job.
+"""
+
+from __future__ import annotations
+
+import time
+
+import cocotb
+from cocotb.clock import Clock
+from cocotb.triggers import RisingEdge, SimTimeoutError, Timer, with_timeout
+from cocotb.utils import get_sim_time
+
+from skipconv.sim import runner
+from skipconv.sim.bench.components import (CLOCK_NS, CommandDriver, CommandMonitor,
+                                           InOrderChecker, Model, ResultMonitor)
+from skipconv.sw import protocol as P
+
+
+class EngineTestbench:
+    """Driver, monitors, model and checker around one engine instance."""
+
+    def __init__(self, dut, config):
+        self.dut = dut
+        self.config = config
+        self.model = Model(config)
+        self.driver = CommandDriver(dut, config)
+        self.cmd_mon = CommandMonitor(dut, self.model)
+        self.results = ResultMonitor(dut, config)
+        self.checker = InOrderChecker()
+        self.matched = 0            # expected/actual messages already paired
+
+    def cycles(self) -> int:
+        return int(get_sim_time("ns") // CLOCK_NS)
+
+    async def reset(self, cycles: int = 4):
+        self.dut.rst.value = 1
+        await Timer(cycles * CLOCK_NS, "ns")
+        self.dut.rst.value = 0
+        await RisingEdge(self.dut.clk)
+
+    async def _all_seen(self):
+        while self.cmd_mon.frames_seen < self.driver.frames_sent:
+            self.cmd_mon.seen.clear()
+            if self.cmd_mon.frames_seen >= self.driver.frames_sent:
+                break
+            await self.cmd_mon.seen.wait()
+
+    async def _replies(self, n: int):
+        res = self.results
+        while len(res.actual) < n:
+            res.changed.clear()
+            if len(res.actual) >= n:
+                break
+            await res.changed.wait()
+
+    def _budget_cycles(self, chunks, expected) -> int:
+        """Cycles within which a correct engine must answer (longer means it hung)."""
+        words = sum(len(w) for w, _ in chunks) + sum(len(m.body) + 2 for m in expected)
+        steps = 0
+        for m in expected:
+            if m.type == P.Res.COUNTERS:
+                dense = m.body[2] | m.body[3] << 32
+                steps += dense // (self.config.lanes * self.config.g)
+        return 20_000 + 20 * words + 4 * steps
+
+    def _compare(self, tag, upto=None):
+        exp, act = self.model.expected, self.results.actual
+        end = len(exp) if upto is None else upto
+        errors = []
+        for i in range(self.matched, end):
+            if i >= len(act):
+                break
+            if not self.checker.check(exp[i], act[i], f"{tag} reply {i - self.matched}"):
+                errors.append(self.checker.errors[-1])
+        return errors
+
+    async def step_commands(self, step) -> dict:
+        tag, chunks = step["tag"], step["chunks"]
+        t0 = self.cycles()
+        if step.get("stall_out"):
+            self.results.start_stalls(step["stall_out"], step.get("seed", 0))
+        await self.driver.send(chunks, step.get("stall_in", 0.0), step.get("seed", 0))
+        await self._all_seen()
+        expected = self.model.expected[self.matched:]
+        errors = []
+        try:
+            await with_timeout(self._replies(len(self.model.expected)),
+                               self._budget_cycles(chunks, expected) * CLOCK_NS, "ns")
+        except SimTimeoutError:
+            got = len(self.results.actual) - self.matched
+            errors.append(f"{tag}: engine hung: {got} of {len(expected)} replies "
+                          f"({', '.join(m.name for m in expected)}) after "
+                          f"{self.cycles() - t0} cycles")
+        self.results.stop_stalls()
+        errors += self._compare(tag)
+        actual = self.results.actual[self.matched:self.matched + len(expected)]
+        self.matched += len(expected)
+        return {"tag": tag, "expected": expected, "actual": actual, "errors": errors,
+                "cycles": self.cycles() - t0}
+
+    async def step_reset(self, step) -> dict:
+        tag, chunks = step["tag"], step["chunks"]
+        t0 = self.cycles()
+        errors = []
+        await self.driver.send(chunks)
+        await self._all_seen()
+        try:
+            if not self.dut.busy.value:
+                await with_timeout(RisingEdge(self.dut.busy), 100_000 * CLOCK_NS, "ns")
+        except SimTimeoutError:
+            errors.append(f"{tag}: busy never rose")
+        await Timer(max(1, step["after"]) * CLOCK_NS, "ns")
+        if not self.dut.busy.value:
+            errors.append(f"{tag}: the layer finished before the reset; pick a smaller 'after'")
+        got = len(self.results.actual)
+        errors += self._compare(tag, upto=got)
+        await self.reset()
+        self.model.reset()
+        del self.model.expected[got:]
+        self.results.reset()
+        self.matched = got
+        await Timer(200 * CLOCK_NS, "ns")
+        if len(self.results.actual) != got:
+            errors.append(f"{tag}: {len(self.results.actual) - got} messages after the reset")
+        if self.dut.busy.value:
+            errors.append(f"{tag}: still busy after the reset")
+        del self.results.actual[got:]
+        return {"tag": tag, "expected": [], "actual": [], "errors": errors,
+                "cycles": self.cycles() - t0}
+
+
+@cocotb.test()
+async def run(dut):
+    """Run the job of :func:`skipconv.sim.runner.load_job` and save its output."""
+    config, job = runner.load_job()
+    Clock(dut.clk, CLOCK_NS, unit="ns", impl="gpi").start()
+    dut.s_axis_tvalid.value = 0
+    dut.m_axis_tready.value = 0
+    tb = EngineTestbench(dut, config)
+    await tb.reset()
+    wall0, cyc0 = time.perf_counter(), tb.cycles()
+    steps = []
+    for step in job["steps"]:
+        if step["op"] == "commands":
+            steps.append(await tb.step_commands(step))
+        elif step["op"] == "reset":
+            steps.append(await tb.step_reset(step))
+        else:
+            raise ValueError(f"unknown step op {step['op']!r}")
+    # Nothing may come after the last expected reply.
+    await Timer(100 * CLOCK_NS, "ns")
+    tail = []
+    if len(tb.results.actual) > tb.matched:
+        tail.append(f"{len(tb.results.actual) - tb.matched} unexpected messages at the end: "
+                    + ", ".join(m.name for m in tb.results.actual[tb.matched:][:5]))
+    output = {
+        "steps": steps,
+        "errors": [e for s in steps for e in s["errors"]] + tb.results.errors + tail,
+        "sim_cycles": tb.cycles() - cyc0,
+        "wall_s": time.perf_counter() - wall0,
+        "checked": tb.checker.checked,
+    }
+    runner.save_output(output)

