@@ -1,0 +1,98 @@
+"""Packed records shared between the engine's blocks (``lib.data`` layouts built from HwParams)."""
+
+from __future__ import annotations
+
+from amaranth import signed, unsigned
+from amaranth.lib import data
+
+from .params import HwParams
+
+__all__ = ["layer_layout", "param_layout", "weight_layout", "unit_layout", "ready_layout",
+           "result_layout", "plan_layout", "kind_layout", "ofmap_layout", "write_bus"]
+
+
+def layer_layout(hp: HwParams):
+    """The loaded layer's header and the sizes derived from it (held by the loader)."""
+    return data.StructLayout({
+        "cin": 16, "cout": hp.cout_bits, "h": hp.dim_bits, "w": hp.dim_bits,
+        "k": hp.k_bits, "stride": 8, "pad": 8, "p": 4,
+        "act_signed": 1, "raw": 1, "et": 2, "has_plan": 1, "out_bits": 5,
+        "taps": hp.tap_bits, "rows": hp.tap_bits,          # weight rows per channel
+        "ho": hp.dim_bits, "wo": hp.dim_bits,
+        "howo": hp.ofn_bits, "n_out": hp.ofn_bits,          # Ho*Wo, Cout*Ho*Wo
+    })
+
+
+def param_layout(hp: HwParams):
+    """Per-channel parameters; ``stop0`` = early termination fires at check point 0."""
+    return data.StructLayout({
+        "bias": signed(32), "m": 16, "sh": 6, "neg_start": hp.tap_bits, "spec": hp.tap_bits,
+        "th": signed(32), "stop0": 1,
+    })
+
+
+def weight_layout(hp: HwParams):
+    """One tap of a channel, decoded at load time: weight, ifmap offset and kernel position."""
+    return data.StructLayout({
+        "w": signed(hp.config.weight_bits), "off": hp.ifa_bits, "ky": hp.k_bits,
+        "kx": hp.k_bits,
+    })
+
+
+def plan_layout():
+    """A position of the static plan (central copy, read by the responder)."""
+    return data.StructLayout({"kind": 2, "leader": 1, "const": 24})
+
+
+def kind_layout():
+    """A position of the static plan as the PE scanner needs it."""
+    return data.StructLayout({"kind": 2, "leader": 1, "const_nz": 1})
+
+
+def ofmap_layout(hp: HwParams):
+    """An ofmap buffer entry written by the writer: final value and performed taps."""
+    return data.StructLayout({"value": hp.value_bits, "e": hp.tap_bits})
+
+
+def _position_fields(hp: HwParams):
+    return {
+        "oaddr": hp.ofa_bits,                       # c*Ho*Wo + y*Wo + x
+        "iy0": signed(hp.coord_bits),               # y*S - P
+        "ix0": signed(hp.coord_bits),               # x*S - P
+        "base": signed(hp.base_bits),               # iy0*W + ix0
+    }
+
+
+def _channel_fields(hp: HwParams):
+    return {
+        "c": hp.c_bits, "bias": signed(32), "neg_start": hp.tap_bits, "spec": hp.tap_bits,
+        "th": signed(32), "wbase": hp.row_bits,
+    }
+
+
+def unit_layout(hp: HwParams):
+    """A work unit: one channel, one tile (``hmax`` x ``wmax`` positions from its origin)."""
+    return data.StructLayout({
+        **_channel_fields(hp), **_position_fields(hp), "stop0": 1,
+        "widx": hp.ofa_bits, "hmax": 4, "wmax": 4,
+    })
+
+
+def ready_layout(hp: HwParams):
+    """A position ready to enter a PE's ring."""
+    return data.StructLayout({
+        **_channel_fields(hp), **_position_fields(hp), "leader": 1, "slot": hp.slot_bits,
+    })
+
+
+def result_layout(hp: HwParams):
+    """What a PE hands to the writer: a finished position, or a window decision (``win``)."""
+    return data.StructLayout({
+        "win": 1, "oaddr": hp.ofa_bits, "c": hp.c_bits, "psum": signed(hp.acc_bits),
+        "fired": 1, "e": hp.tap_bits, "leader": 1, "slot": hp.slot_bits,
+    })
+
+
+def write_bus(addr_bits: int, shape, extra=None):
+    """A memory write request: enable, address, data (plus ``extra`` fields)."""
+    return data.StructLayout({"en": 1, "addr": addr_bits, "data": shape, **(extra or {})})

@@ -1,0 +1,510 @@
+"""The command decoder: checks every command of docs/protocol.md and writes the memories.
+
+The loader consumes 32-bit words (see :mod:`.words`), validates headers, lengths, limits,
+features and values as they arrive, and writes weights (decoded into ifmap offsets), the ifmap,
+the plan, the NN table and the per-channel parameters through write buses that the engine
+fans out to every replica. A refused message is dropped up to its ``tlast`` and answered by
+one ``ERROR``; the flags ``layer_ok``, ``plan_ok`` and ``ifmap_ok`` are cleared when a load
+starts and set only when it completed, so no partial layer can ever run.
+"""
+
+from __future__ import annotations
+
+from amaranth import Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from amaranth.utils import ceil_log2
+
+from .divider import Divider
+from .layouts import (kind_layout, layer_layout, param_layout, plan_layout, weight_layout,
+                      write_bus)
+from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op
+from .words import word_layout
+
+__all__ = ["Loader"]
+
+
+class Loader(wiring.Component):
+    """Decode commands, validate them, write the memories, request replies and runs.
+
+    Members
+    -------
+    words : In(stream of word_layout)
+    layer : Out(layer_layout)
+        The loaded layer (valid while ``layer_ok``).
+    layer_ok, plan_ok, ifmap_ok : Out(1)
+    reply_req : Out(1)
+        Held until ``reply_ack``: answer ``OK`` or, with ``reply_err``, ``ERROR`` with
+        ``err_code`` and ``err_detail``.
+    run_start : Out(1)
+        Pulse: a valid ``RUN`` (with ``run_trace``) was received; the loader then waits for
+        ``run_done``.
+    wt, ifm, plan, kind, nn, prm : Out(write buses)
+    error : Out(1)
+        The last command was refused.
+    """
+
+    def __init__(self, hp: HwParams):
+        self._hp = hp
+        c = hp.config
+        lane_bits = max(1, ceil_log2(c.g))
+        super().__init__({
+            "words": In(stream.Signature(word_layout())),
+            "layer": Out(layer_layout(hp)),
+            "layer_ok": Out(1), "plan_ok": Out(1), "ifmap_ok": Out(1),
+            "reply_req": Out(1), "reply_err": Out(1), "err_code": Out(8), "err_detail": Out(32),
+            "reply_ack": In(1),
+            "run_start": Out(1), "run_trace": Out(1), "run_done": In(1),
+            "error": Out(1),
+            "wt": Out(write_bus(hp.row_bits, weight_layout(hp), {"lane": lane_bits})),
+            "ifm": Out(write_bus(hp.ifa_bits, c.act_bits)),
+            "plan": Out(write_bus(hp.ofa_bits, plan_layout())),
+            "kind": Out(write_bus(hp.ofa_bits, kind_layout())),
+            "nn": Out(write_bus(hp.ofa_bits, hp.ofa_bits)),
+            "prm": Out(write_bus(hp.c_bits, param_layout(hp))),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        hp = self._hp
+        cfg = hp.config
+        L = self.layer
+        w = self.words.p
+        data = w.data
+        msg_end = w.tlast & w.beat_end
+        take = Signal()                       # a word is accepted this cycle
+        m.d.comb += take.eq(self.words.valid & self.words.ready)
+
+        op = Signal(8)
+        n = Signal(32)
+        i = Signal(32)                        # body word index
+        err_code = self.err_code
+        err_detail = self.err_detail
+        per_word = 4 if cfg.act_bits <= 8 else 2
+        act_field = 32 // per_word
+
+        # -- derived sizes, registered while the header arrives --------------------------------
+        hw_ = Signal(32)
+        cin_hw = Signal(48)
+        cin_kk = Signal(24)
+        m.d.sync += [hw_.eq(L.h * L.w), cin_hw.eq(L.cin * hw_), cin_kk.eq(L.cin * L.k * L.k)]
+        m.submodules.div_h = div_h = Divider(18)
+        m.submodules.div_w = div_w = Divider(18)
+        m.d.sync += [div_h.start.eq(0), div_w.start.eq(0)]
+        out_neg = Signal()                    # H + 2P < K or W + 2P < K
+        settle = Signal(2)
+        howo = Signal(32)
+        n_out = Signal(48)
+        m.d.sync += [howo.eq((div_h.quotient + 1) * (div_w.quotient + 1)),
+                     n_out.eq(L.cout * howo)]
+        sizes_ready = Signal()
+        with m.If(div_h.done & div_w.done):
+            with m.If(settle != 3):
+                m.d.sync += settle.eq(settle + 1)
+        m.d.comb += sizes_ready.eq(div_h.done & div_w.done & (settle == 3))
+
+        # -- tap table: tap index -> (ifmap offset, ky, kx) -----------------------------------
+        tap_shape = weight_layout(hp)
+        m.submodules.taptab = taptab = Memory(
+            shape=tap_shape, depth=cfg.max_taps, init=[])
+        tt_w = taptab.write_port()
+        tt_r = taptab.read_port()
+        b_run = Signal()
+        b_t = Signal(hp.tap_bits)
+        b_ci = Signal(16)
+        b_ky = Signal(hp.k_bits)
+        b_kx = Signal(hp.k_bits)
+        b_offc = Signal(32)
+        b_offy = Signal(32)
+        b_lim = Signal(hp.tap_bits + 1)
+        m.d.comb += [
+            tt_w.addr.eq(b_t), tt_w.en.eq(b_run),
+            tt_w.data.off.eq(b_offc + b_offy + b_kx), tt_w.data.ky.eq(b_ky),
+            tt_w.data.kx.eq(b_kx),
+        ]
+        with m.If(b_run):
+            m.d.sync += b_t.eq(b_t + 1)
+            with m.If(b_t + 1 >= b_lim):
+                m.d.sync += b_run.eq(0)
+            with m.If(b_kx == L.k - 1):
+                m.d.sync += [b_kx.eq(0), b_offy.eq(b_offy + L.w), b_ky.eq(b_ky + 1)]
+                with m.If(b_ky == L.k - 1):
+                    m.d.sync += [b_ky.eq(0), b_offy.eq(0), b_ci.eq(b_ci + 1),
+                                 b_offc.eq(b_offc + hw_)]
+            with m.Else():
+                m.d.sync += b_kx.eq(b_kx + 1)
+
+        # -- weight write pipeline: tap table read, then write the decoded entry -------------
+        wp_valid = Signal()
+        wp_w = Signal(signed(cfg.weight_bits))
+        wp_row = Signal(hp.row_bits)
+        wp_lane = Signal(len(self.wt.lane))
+        m.d.sync += wp_valid.eq(0)
+        m.d.comb += [
+            self.wt.en.eq(wp_valid), self.wt.addr.eq(wp_row), self.wt.lane.eq(wp_lane),
+            self.wt.data.w.eq(wp_w), self.wt.data.off.eq(tt_r.data.off),
+            self.wt.data.ky.eq(tt_r.data.ky), self.wt.data.kx.eq(tt_r.data.kx),
+        ]
+        wc_e = Signal(hp.tap_bits)            # tap within the channel
+        wc_lane = Signal(len(self.wt.lane))
+        wc_row = Signal(hp.row_bits)
+
+        # -- ifmap unpacker ------------------------------------------------------------------
+        up_word = Signal(32)
+        up_cnt = Signal(range(per_word + 1))
+        up_addr = Signal(hp.ifn_bits + 1)
+        m.d.comb += [self.ifm.addr.eq(up_addr), self.ifm.data.eq(up_word[:cfg.act_bits]),
+                     self.ifm.en.eq((up_cnt != 0) & (up_addr < cin_hw))]
+        with m.If(up_cnt != 0):
+            m.d.sync += [up_cnt.eq(up_cnt - 1), up_word.eq(up_word >> act_field),
+                         up_addr.eq(up_addr + 1)]
+
+        # -- per-channel parameter assembly --------------------------------------------------
+        pc_j = Signal(range(5))
+        pc_c = Signal(hp.c_bits + 1)
+        pc = Signal(param_layout(hp))
+        m.d.sync += self.prm.en.eq(0)
+        m.d.comb += [self.prm.addr.eq(pc_c), self.prm.data.eq(pc)]
+        with m.If(self.prm.en):               # the entry is written the cycle after its last word
+            m.d.sync += pc_c.eq(pc_c + 1)
+
+        # -- plan / NN counters --------------------------------------------------------------
+        has_nn = Signal()
+        q = Signal(hp.ofn_bits + 1)
+        m.d.sync += [self.plan.en.eq(0), self.kind.en.eq(0), self.nn.en.eq(0)]
+
+        m.d.sync += [self.run_start.eq(0)]
+        m.d.comb += tt_r.addr.eq(data[16:32])
+
+        def fail(code, detail, drop=True):
+            m.d.sync += [err_code.eq(code), err_detail.eq(detail)]
+            if drop:
+                with m.If(msg_end):
+                    m.next = "REPLY_ERR"
+                with m.Else():
+                    m.next = "DROP"
+            else:
+                m.next = "REPLY_ERR"
+
+        def end_of_body():
+            """The message's last body word was taken without error."""
+            with m.If(~w.tlast):
+                fail(Err.BAD_LENGTH, n)
+            with m.Elif(~w.beat_end):
+                m.next = "PAD"
+            with m.Else():
+                m.next = "SUCCEED"
+
+        with m.FSM(name="loader"):
+            with m.State("HDR0"):
+                m.d.comb += self.words.ready.eq(1)
+                with m.If(take):
+                    m.d.sync += [op.eq(data[8:16]), i.eq(0)]
+                    opc = data[8:16]
+                    with m.If((data[0:8] != MAGIC) | (data[16:32] != 0)):
+                        fail(Err.BAD_MAGIC, data)
+                    with m.Elif(~opc.matches(Op.LOAD_LAYER, Op.LOAD_PLAN, Op.LOAD_IFMAP,
+                                             Op.RUN)):
+                        fail(Err.BAD_OPCODE, opc)
+                    with m.Elif((opc != Op.LOAD_LAYER) & ~self.layer_ok):
+                        fail(Err.NOT_READY, opc)
+                    with m.Elif((opc == Op.RUN) & (~self.ifmap_ok |
+                                                  (L.has_plan & ~self.plan_ok))):
+                        fail(Err.NOT_READY, opc)
+                    with m.Elif(msg_end):
+                        fail(Err.BAD_LENGTH, 0)
+                    with m.Else():
+                        m.next = "HDR1"
+                    with m.Switch(opc):
+                        with m.Case(Op.LOAD_LAYER):
+                            m.d.sync += [self.layer_ok.eq(0), self.plan_ok.eq(0),
+                                         self.ifmap_ok.eq(0)]
+                        with m.Case(Op.LOAD_PLAN):
+                            m.d.sync += self.plan_ok.eq(0)
+                        with m.Case(Op.LOAD_IFMAP):
+                            m.d.sync += self.ifmap_ok.eq(0)
+
+            with m.State("HDR1"):
+                m.d.comb += self.words.ready.eq(1)
+                with m.If(take):
+                    m.d.sync += n.eq(data)
+                    ifmap_words = (cin_hw + per_word - 1) // per_word
+                    bad_len = Signal()
+                    with m.Switch(op):
+                        with m.Case(Op.LOAD_LAYER):
+                            m.d.comb += bad_len.eq(data < 5)
+                        with m.Case(Op.LOAD_PLAN):
+                            m.d.comb += bad_len.eq(data < 1)
+                        with m.Case(Op.LOAD_IFMAP):
+                            m.d.comb += bad_len.eq(data != ifmap_words)
+                        with m.Case(Op.RUN):
+                            m.d.comb += bad_len.eq(data != 1)
+                    with m.If(bad_len | msg_end):
+                        fail(Err.BAD_LENGTH, data)
+                    with m.Else():
+                        m.next = "BODY"
+                    m.d.sync += [up_addr.eq(0), q.eq(0), pc_j.eq(0), pc_c.eq(0),
+                                 wc_e.eq(0), wc_lane.eq(0), wc_row.eq(0)]
+
+            with m.State("BODY"):
+                last = Signal()
+                m.d.comb += last.eq(i == n - 1)
+                ready = Signal()
+                # Stalls: weights wait for the tap table, the T word for the output size,
+                # activations for the unpacker.
+                with m.Switch(op):
+                    with m.Case(Op.LOAD_LAYER):
+                        n_params = 5 + 5 * L.cout
+                        with m.If(i == 4):
+                            m.d.comb += ready.eq(sizes_ready)
+                        with m.Elif(i >= n_params):
+                            m.d.comb += ready.eq(~b_run)
+                        with m.Else():
+                            m.d.comb += ready.eq(1)
+                    with m.Case(Op.LOAD_IFMAP):
+                        m.d.comb += ready.eq(up_cnt <= 1)
+                    with m.Default():
+                        m.d.comb += ready.eq(1)
+                m.d.comb += self.words.ready.eq(ready)
+                with m.If(take):
+                    m.d.sync += i.eq(i + 1)
+                    with m.If(msg_end & ~last):
+                        fail(Err.BAD_LENGTH, n, drop=False)
+                    with m.Else():
+                        with m.Switch(op):
+                            with m.Case(Op.LOAD_LAYER):
+                                self._layer_word(m, hp, data, i, n, L, last, fail, end_of_body,
+                                                 div_h, div_w, out_neg, settle, cin_kk, cin_hw,
+                                                 n_out, howo, b_run, b_t, b_ci, b_ky, b_kx,
+                                                 b_offc, b_offy, b_lim, pc, pc_j, pc_c,
+                                                 wp_valid, wp_w, wp_row, wp_lane, wc_e,
+                                                 wc_lane, wc_row)
+                            with m.Case(Op.LOAD_PLAN):
+                                self._plan_word(m, hp, data, i, n, L, last, fail, end_of_body,
+                                                has_nn, q)
+                            with m.Case(Op.LOAD_IFMAP):
+                                m.d.sync += [up_word.eq(data), up_cnt.eq(per_word)]
+                                with m.If(last):
+                                    end_of_body()
+                            with m.Case(Op.RUN):
+                                m.d.sync += self.run_trace.eq(data[0])
+                                if not cfg.trace:
+                                    with m.If(data[0]):
+                                        fail(Err.FEATURE, FEATURE_BITS["trace"])
+                                    with m.Else():
+                                        end_of_body()
+                                else:
+                                    end_of_body()
+
+            with m.State("PAD"):
+                m.d.comb += self.words.ready.eq(1)
+                with m.If(take & w.beat_end):
+                    m.next = "SUCCEED"
+
+            with m.State("DROP"):
+                m.d.comb += self.words.ready.eq(1)
+                with m.If(take & msg_end):
+                    m.next = "REPLY_ERR"
+
+            with m.State("SUCCEED"):
+                m.d.sync += self.error.eq(0)
+                with m.Switch(op):
+                    with m.Case(Op.LOAD_LAYER):
+                        m.d.sync += self.layer_ok.eq(1)
+                        m.next = "REPLY_OK"
+                    with m.Case(Op.LOAD_PLAN):
+                        m.d.sync += self.plan_ok.eq(1)
+                        m.next = "REPLY_OK"
+                    with m.Case(Op.LOAD_IFMAP):
+                        m.d.sync += self.ifmap_ok.eq(1)
+                        m.next = "REPLY_OK"
+                    with m.Case(Op.RUN):
+                        m.d.sync += self.run_start.eq(1)
+                        m.next = "RUNNING"
+
+            with m.State("REPLY_OK"):
+                m.d.comb += [self.reply_req.eq(1), self.reply_err.eq(0)]
+                with m.If(self.reply_ack):
+                    m.next = "HDR0"
+
+            with m.State("REPLY_ERR"):
+                m.d.comb += [self.reply_req.eq(1), self.reply_err.eq(1)]
+                m.d.sync += self.error.eq(1)
+                with m.If(self.reply_ack):
+                    m.next = "HDR0"
+
+            with m.State("RUNNING"):
+                with m.If(self.run_done):
+                    m.next = "HDR0"
+        return m
+
+    # -- LOAD_LAYER body ---------------------------------------------------------------------
+
+    def _layer_word(self, m, hp, data, i, n, L, last, fail, end_of_body, div_h, div_w, out_neg,
+                    settle, cin_kk, cin_hw, n_out, howo, b_run, b_t, b_ci, b_ky, b_kx, b_offc,
+                    b_offy, b_lim, pc, pc_j, pc_c, wp_valid, wp_w, wp_row, wp_lane, wc_e,
+                    wc_lane, wc_row):
+        cfg = hp.config
+        g = cfg.g
+        n_params = 5 + 5 * L.cout
+        with m.If(i == 0):
+            cin, cout = data[0:16], data[16:32]
+            m.d.sync += [L.cin.eq(cin), L.cout.eq(cout)]
+            with m.If(cin == 0):
+                fail(Err.BAD_VALUE, cin)
+            with m.Elif(cout == 0):
+                fail(Err.BAD_VALUE, cout)
+            with m.Elif(cout > cfg.max_cout):
+                fail(Err.LIMIT, cout)
+        with m.Elif(i == 1):
+            h, w = data[0:16], data[16:32]
+            m.d.sync += [L.h.eq(h), L.w.eq(w)]
+            with m.If(h == 0):
+                fail(Err.BAD_VALUE, h)
+            with m.Elif(w == 0):
+                fail(Err.BAD_VALUE, w)
+            with m.Elif((h > cfg.max_ifmap) | (w > cfg.max_ifmap)):
+                fail(Err.LIMIT, Mux(h > cfg.max_ifmap, h, w))
+        with m.Elif(i == 2):
+            k, s, pad, p = data[0:8], data[8:16], data[16:24], data[24:32]
+            m.d.sync += [L.k.eq(k), L.stride.eq(s), L.pad.eq(pad), L.p.eq(p)]
+            num_h = Signal(signed(20))
+            num_w = Signal(signed(20))
+            m.d.comb += [num_h.eq(L.h + 2 * pad - k), num_w.eq(L.w + 2 * pad - k)]
+            m.d.sync += [
+                div_h.start.eq(1), div_h.num.eq(Mux(num_h < 0, 0, num_h)), div_h.den.eq(s),
+                div_w.start.eq(1), div_w.num.eq(Mux(num_w < 0, 0, num_w)), div_w.den.eq(s),
+                out_neg.eq((num_h < 0) | (num_w < 0)), settle.eq(0),
+                # the tap table for this geometry (bounded by the table size)
+                b_run.eq(k != 0), b_t.eq(0), b_ci.eq(0), b_ky.eq(0), b_kx.eq(0),
+                b_offc.eq(0), b_offy.eq(0),
+                b_lim.eq(Mux(L.cin * k * k > cfg.max_taps, cfg.max_taps, L.cin * k * k)),
+            ]
+            with m.If(k == 0):
+                fail(Err.BAD_VALUE, k)
+            with m.Elif(k > cfg.max_k):
+                fail(Err.LIMIT, k)
+            with m.Elif(s == 0):
+                fail(Err.BAD_VALUE, s)
+            with m.Elif(pad >= k):
+                fail(Err.BAD_VALUE, pad)
+            with m.Elif(p == 1):
+                fail(Err.BAD_VALUE, p)
+            with m.Elif((p != 0) & (not cfg.has("zero_pred"))):
+                fail(Err.FEATURE, FEATURE_BITS["zero_pred"])
+            with m.Elif(p > cfg.max_p):
+                fail(Err.LIMIT, p)
+        with m.Elif(i == 3):
+            et = data[2:4]
+            ob = data[8:16]
+            m.d.sync += [L.act_signed.eq(data[0]), L.raw.eq(data[1]), L.et.eq(et),
+                         L.has_plan.eq(data[4]), L.out_bits.eq(ob)]
+            with m.If(et == 3):
+                fail(Err.BAD_VALUE, et)
+            with m.Elif((et != 0) & (not cfg.has("early_term"))):
+                fail(Err.FEATURE, FEATURE_BITS["early_term"])
+            with m.Elif((ob == 0) | (ob > 16)):
+                fail(Err.BAD_VALUE, ob)
+        with m.Elif(i == 4):
+            t = data
+            m.d.sync += [L.taps.eq(t), L.rows.eq((t + g - 1) // g), L.ho.eq(div_h.quotient + 1),
+                         L.wo.eq(div_w.quotient + 1), L.howo.eq(howo), L.n_out.eq(n_out)]
+            with m.If(t != cin_kk):
+                fail(Err.BAD_VALUE, t)
+            with m.Elif(t > cfg.max_taps):
+                fail(Err.LIMIT, t)
+            with m.Elif(cin_hw > cfg.max_ifmap):
+                fail(Err.LIMIT, cin_hw)
+            with m.Elif(out_neg):
+                fail(Err.BAD_VALUE, L.k)
+            with m.Elif(n_out > cfg.max_ofmap):
+                fail(Err.LIMIT, n_out)
+            with m.Elif(n != n_params + L.cout * t):
+                fail(Err.BAD_LENGTH, n)
+        with m.Elif(i < n_params):
+            # per-channel parameters: bias, M/sh, neg_start, spec, th
+            with m.Switch(pc_j):
+                with m.Case(0):
+                    m.d.sync += [pc.bias.eq(data), pc_j.eq(1)]
+                with m.Case(1):
+                    mm, sh = data[0:16], data[16:24]
+                    m.d.sync += [pc.m.eq(mm), pc.sh.eq(sh), pc_j.eq(2)]
+                    with m.If(mm == 0):
+                        fail(Err.BAD_VALUE, mm)
+                    with m.Elif(sh > 47):
+                        fail(Err.BAD_VALUE, sh)
+                with m.Case(2):
+                    m.d.sync += [pc.neg_start.eq(data), pc_j.eq(3)]
+                    with m.If(data > L.taps):
+                        fail(Err.BAD_VALUE, data)
+                with m.Case(3):
+                    m.d.sync += [pc.spec.eq(data), pc_j.eq(4)]
+                    with m.If((data > L.taps) | (data % g != 0)):
+                        fail(Err.BAD_VALUE, data)
+                with m.Case(4):
+                    th = data.as_signed()
+                    et_on = L.et != 0
+                    stop0 = ((et_on & (pc.neg_start == 0) & (pc.bias <= 0))
+                             | ((L.et == 2) & (pc.spec == 0) & (pc.bias <= th)))
+                    m.d.sync += [pc.th.eq(th), pc.stop0.eq(stop0), pc_j.eq(0),
+                                 self.prm.en.eq(1)]
+            with m.If(last):
+                end_of_body()
+        with m.Else():
+            # weights in tap order: [15:0] weight, [31:16] tap index
+            wv = data[0:16]
+            tap = data[16:32]
+            hi = wv.as_signed() >> (cfg.weight_bits - 1)
+            m.d.sync += [wp_valid.eq(1), wp_w.eq(wv[:cfg.weight_bits]), wp_row.eq(wc_row),
+                         wp_lane.eq(wc_lane)]
+            chan_end = wc_e == L.taps - 1
+            with m.If(chan_end):
+                m.d.sync += [wc_e.eq(0), wc_lane.eq(0), wc_row.eq(wc_row + 1)]
+            with m.Elif(wc_lane == g - 1):
+                m.d.sync += [wc_e.eq(wc_e + 1), wc_lane.eq(0), wc_row.eq(wc_row + 1)]
+            with m.Else():
+                m.d.sync += [wc_e.eq(wc_e + 1), wc_lane.eq(wc_lane + 1)]
+            with m.If(tap >= L.taps):
+                fail(Err.BAD_VALUE, tap)
+            with m.Elif((hi != 0) & (hi != -1)):
+                fail(Err.BAD_VALUE, wv)
+            with m.Elif(last):
+                end_of_body()
+
+    # -- LOAD_PLAN body ----------------------------------------------------------------------
+
+    def _plan_word(self, m, hp, data, i, n, L, last, fail, end_of_body, has_nn, q):
+        cfg = hp.config
+        with m.If(i == 0):
+            hn = data[0]
+            m.d.sync += [has_nn.eq(hn), q.eq(0)]
+            with m.If(n != 1 + L.n_out + Mux(hn, L.howo, 0)):
+                fail(Err.BAD_LENGTH, n)
+        with m.Elif(q < L.n_out):
+            kind, leader, const = data[0:2], data[2], data[8:32]
+            m.d.sync += [
+                q.eq(q + 1),
+                self.plan.en.eq(1), self.plan.addr.eq(q), self.plan.data.kind.eq(kind),
+                self.plan.data.leader.eq(leader), self.plan.data.const.eq(const),
+                self.kind.en.eq(1), self.kind.addr.eq(q), self.kind.data.kind.eq(kind),
+                self.kind.data.leader.eq(leader), self.kind.data.const_nz.eq(const != 0),
+            ]
+            with m.If(kind == 3):
+                fail(Err.BAD_VALUE, kind)
+            with m.Elif((kind == 1) & (not cfg.has("velcro"))):
+                fail(Err.FEATURE, FEATURE_BITS["velcro"])
+            with m.Elif((kind == 2) & (not cfg.has("perforation"))):
+                fail(Err.FEATURE, FEATURE_BITS["perforation"])
+            with m.Elif(last):
+                end_of_body()
+        with m.Else():
+            nx, ny = data[0:16], data[16:32]
+            m.d.sync += [q.eq(q + 1), self.nn.en.eq(1), self.nn.addr.eq(q - L.n_out),
+                         self.nn.data.eq(ny * L.wo + nx)]
+            with m.If(nx >= L.wo):
+                fail(Err.BAD_VALUE, nx)
+            with m.Elif(ny >= L.ho):
+                fail(Err.BAD_VALUE, ny)
+            with m.Elif(last):
+                end_of_body()

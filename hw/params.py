@@ -1,0 +1,102 @@
+"""Hardware constants derived from an :class:`~skipconv.sw.config.EngineConfig`.
+
+Every width and depth the gateware uses is computed here, once, from the config, so that no
+block carries its own magic numbers.
+"""
+
+from __future__ import annotations
+
+from amaranth.utils import ceil_log2
+
+from ..sw.config import EngineConfig
+
+__all__ = ["HwParams", "RING_DEPTH", "UNIT_WIDTH", "SLOTS", "MAGIC", "Op", "Reply", "Err",
+           "FEATURE_BITS", "COUNTER_WORDS"]
+
+#: Pipeline stages of a PE (issue, address, ifmap read, registered read data, multiply,
+#: accumulate); the ring holds this many independent contexts so that each one's partial sum
+#: is up to date when its next taps issue.
+RING_DEPTH = 6
+#: Positions per work unit when the layer does not use zero prediction: small enough that the
+#: end-of-layer imbalance between PEs stays a few positions, large enough that the dispatcher
+#: (one unit per cycle for all PEs) never starves them.
+UNIT_WIDTH = 4
+#: Work units (windows) a PE holds at once: leaders of later windows run while earlier windows
+#: wait for their decision.
+SLOTS = 4
+#: Depth of a PE's queue of positions ready to enter the ring.
+READY_DEPTH = 4
+#: Depth of a PE's result FIFO towards the writer.
+RESULT_DEPTH = 4
+
+MAGIC = 0xC5
+
+
+class Op:
+    LOAD_LAYER = 0x01
+    LOAD_PLAN = 0x02
+    LOAD_IFMAP = 0x03
+    RUN = 0x04
+
+
+class Reply:
+    OK = 0x80
+    OFMAP = 0x81
+    TRACE = 0x82
+    COUNTERS = 0x83
+    ERROR = 0xEE
+
+
+class Err:
+    BAD_MAGIC = 1
+    BAD_OPCODE = 2
+    BAD_LENGTH = 3
+    LIMIT = 4
+    FEATURE = 5
+    BAD_VALUE = 6
+    NOT_READY = 7
+
+
+FEATURE_BITS = {"early_term": 1, "zero_pred": 2, "velcro": 4, "perforation": 8, "trace": 16}
+COUNTER_WORDS = 19
+
+
+def _bits(n: int) -> int:
+    """Unsigned width holding 0..n."""
+    return max(1, int(n).bit_length())
+
+
+class HwParams:
+    """Widths and depths of the engine built for ``config``."""
+
+    def __init__(self, config: EngineConfig):
+        if not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, not {config!r}")
+        c = config
+        self.config = c
+        self.lanes = c.lanes
+        self.g = c.g
+        self.depth = RING_DEPTH
+        self.slots = SLOTS
+        self.slot_bits = ceil_log2(SLOTS)
+        self.unit_width = UNIT_WIDTH
+        self.acc_bits = c.acc_bits
+        self.tap_bits = c.tap_bits                      # 0..max_taps
+        self.cout_bits = _bits(c.max_cout)              # 0..max_cout
+        self.c_bits = max(1, ceil_log2(c.max_cout))     # channel index
+        self.rows = c.max_cout * -(-c.max_taps // c.g)  # weight rows (g taps each)
+        self.row_bits = _bits(self.rows)
+        self.ifa_bits = max(1, ceil_log2(c.max_ifmap))  # ifmap address
+        self.ifn_bits = _bits(c.max_ifmap)
+        self.ofa_bits = max(1, ceil_log2(c.max_ofmap))  # ofmap address
+        self.ofn_bits = _bits(c.max_ofmap)
+        self.dim_bits = min(16, _bits(c.max_ifmap))     # H, W (and Ho, Wo)
+        self.k_bits = _bits(c.max_k)
+        # Signed input coordinate (y*S - P can be -P; y*S can reach H + P).
+        self.coord_bits = self.dim_bits + 2
+        # Signed ifmap base address of a position: iy0*W + ix0, iy0 >= -P.
+        self.base_bits = self.ifa_bits + self.k_bits + 3
+        self.plan = bool(c.features & {"velcro", "perforation", "zero_pred"})
+        self.value_bits = 31                            # raw outputs saturate at int32 max
+        self.prod_bits = c.act_bits + 1 + c.weight_bits
+        self.words_per_beat = c.bus_bits // 32

@@ -1,0 +1,379 @@
+"""One processing element: a unit scanner feeding a barrel ring of independent positions.
+
+The ring holds ``RING_DEPTH`` contexts, one per pipeline stage; each cycle the context in
+stage 0 checks early termination on its (up to date) partial sum, and either finishes
+(handing its result to the writer and taking a new position in the same cycle) or issues its
+next ``g`` taps. A stop therefore frees the PE at once and costs no pipeline bubbles.
+
+The scanner walks the units (tiles or zero-prediction windows) the dispatcher gave this PE.
+It issues the COMPUTE leaders of a window first, keeps scanning later windows, and decides a
+window once all its leaders came back from the writer: a predicted window is recorded (its
+followers never enter the ring), otherwise its followers are issued. CONST, COPY and
+positions of a channel that stops at check point 0 are never issued.
+"""
+
+from __future__ import annotations
+
+from amaranth import Cat, Const, Module, Mux, Signal, signed
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from .layouts import (kind_layout, layer_layout, ready_layout, result_layout, unit_layout,
+                      weight_layout, write_bus)
+from .params import READY_DEPTH, RESULT_DEPTH, HwParams
+
+__all__ = ["PE", "context_layout"]
+
+COMPUTE, CONST = 0, 1
+
+
+def context_layout(hp: HwParams):
+    """A position in flight in the ring."""
+    return data.StructLayout({
+        "valid": 1, "issued": 1, "lv": hp.g,          # lanes holding a real tap this round
+        "c": hp.c_bits, "oaddr": hp.ofa_bits, "psum": signed(hp.acc_bits), "e": hp.tap_bits,
+        "wrow": hp.row_bits, "neg_start": hp.tap_bits, "spec": hp.tap_bits, "th": signed(32),
+        "leader": 1, "slot": hp.slot_bits,
+        "iy0": signed(hp.coord_bits), "ix0": signed(hp.coord_bits), "base": signed(hp.base_bits),
+    })
+
+
+class PE(wiring.Component):
+    """A processing element with its own weight, ifmap and plan-kind replicas.
+
+    Members
+    -------
+    layer : In(layer_layout)
+    req : Out(1)
+        Asks the dispatcher for a unit.
+    grant : In(1)
+        ``unit`` is this PE's this cycle.
+    unit : In(unit_layout)
+    wt, ifm, kind : In(write buses)
+        The loader's writes, shared by all replicas.
+    result : Out(stream of result_layout)
+        Finished positions and window decisions, to the writer.
+    fb_valid, fb_slot, fb_nz : In
+        The writer's decision on one of this PE's leaders (requantized output nonzero).
+    idle : Out(1)
+        Nothing held or in flight.
+    """
+
+    def __init__(self, hp: HwParams):
+        self._hp = hp
+        c = hp.config
+        lane_bits = max(1, (c.g - 1).bit_length())
+        super().__init__({
+            "layer": In(layer_layout(hp)),
+            "req": Out(1), "grant": In(1), "unit": In(unit_layout(hp)),
+            "wt": In(write_bus(hp.row_bits, weight_layout(hp), {"lane": lane_bits})),
+            "ifm": In(write_bus(hp.ifa_bits, c.act_bits)),
+            "kind": In(write_bus(hp.ofa_bits, kind_layout())),
+            "result": Out(stream.Signature(result_layout(hp))),
+            "fb_valid": In(1), "fb_slot": In(hp.slot_bits), "fb_nz": In(1),
+            "idle": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        hp = self._hp
+        cfg = hp.config
+        g = cfg.g
+        L = self.layer
+        NS = hp.slots
+        D = hp.depth
+        wl = weight_layout(hp)
+        ew = wl.size
+
+        # -- replicas ------------------------------------------------------------------------
+        m.submodules.wmem = wmem = Memory(shape=ew * g, depth=hp.rows, init=[])
+        w_wr = wmem.write_port(granularity=ew)
+        w_rd = wmem.read_port()
+        m.d.comb += [w_wr.addr.eq(self.wt.addr),
+                     w_wr.data.eq(Cat(*[self.wt.data for _ in range(g)]))]
+        for j in range(g):
+            m.d.comb += w_wr.en[j].eq(self.wt.en & (self.wt.lane == j))
+        m.submodules.imem = imem = Memory(shape=cfg.act_bits, depth=cfg.max_ifmap, init=[])
+        i_wr = imem.write_port()
+        i_rd = [imem.read_port() for _ in range(g)]
+        m.d.comb += [i_wr.addr.eq(self.ifm.addr), i_wr.data.eq(self.ifm.data),
+                     i_wr.en.eq(self.ifm.en)]
+        if hp.plan:
+            m.submodules.kmem = kmem = Memory(shape=kind_layout(), depth=cfg.max_ofmap, init=[])
+            k_wr = kmem.write_port()
+            k_rd = kmem.read_port()
+            m.d.comb += [k_wr.addr.eq(self.kind.addr), k_wr.data.eq(self.kind.data),
+                         k_wr.en.eq(self.kind.en)]
+
+        m.submodules.rq = rq = SyncFIFO(width=ready_layout(hp).size, depth=READY_DEPTH)
+        m.submodules.res = res = SyncFIFO(width=result_layout(hp).size, depth=RESULT_DEPTH)
+        m.d.comb += [self.result.valid.eq(res.r_rdy), self.result.payload.eq(res.r_data),
+                     res.r_en.eq(self.result.ready)]
+        res_in = Signal(result_layout(hp))
+        m.d.comb += res.w_data.eq(res_in)
+
+        zp = Signal()
+        m.d.comb += zp.eq(L.p != 0)
+        if not cfg.has("zero_pred"):
+            zp = Const(0)
+        et_on = Signal()
+        pred = Signal()
+        if cfg.has("early_term"):
+            m.d.comb += [et_on.eq(L.et != 0), pred.eq(L.et == 2)]
+
+        # -- unit slots (a FIFO of windows) --------------------------------------------------
+        slot_unit = [Signal(unit_layout(hp), name=f"slot{s}_unit") for s in range(NS)]
+        outstanding = [Signal(8, name=f"slot{s}_out") for s in range(NS)]
+        nz = [Signal(name=f"slot{s}_nz") for s in range(NS)]
+        head = Signal(hp.slot_bits)
+        count = Signal(range(NS + 1))
+        nscan = Signal(range(NS + 1))
+        tail = Signal(hp.slot_bits)
+        m.d.comb += tail.eq(head + count)
+        count_inc = Signal()
+        count_dec = Signal()
+        nscan_inc = Signal()
+        nscan_dec = Signal()
+        m.d.sync += [count.eq(count + count_inc - count_dec),
+                     nscan.eq(nscan + nscan_inc - nscan_dec)]
+        with m.If(count_dec):
+            m.d.sync += head.eq(head + 1)
+
+        m.d.comb += self.req.eq((count < NS) & (nscan == count))
+        with m.If(self.grant):
+            m.d.comb += count_inc.eq(1)
+            for s in range(NS):
+                with m.If(tail == s):
+                    m.d.sync += [slot_unit[s].eq(self.unit), nz[s].eq(0)]
+
+        # -- scanner ---------------------------------------------------------------------------
+        cur = Signal(unit_layout(hp))       # the unit being scanned
+        cur_slot = Signal(hp.slot_bits)
+        follow = Signal()                   # scanning followers (else leaders / everything)
+        walking = Signal()
+        dy = Signal(4)
+        dx = Signal(4)
+        p_oaddr = Signal(hp.ofa_bits)
+        p_iy0 = Signal(signed(hp.coord_bits))
+        p_ix0 = Signal(signed(hp.coord_bits))
+        p_base = Signal(signed(hp.base_bits))
+        r_oaddr = Signal(hp.ofa_bits)       # row starts
+        r_iy0 = Signal(signed(hp.coord_bits))
+        r_base = Signal(signed(hp.base_bits))
+        scanning = Signal()                 # a scan is in progress (walking or draining)
+
+        b_valid = Signal()                  # stage B: plan kind arrived
+        b_pos = Signal(ready_layout(hp))
+        b_follow = Signal()
+
+        credit = Signal()
+        m.d.comb += credit.eq(rq.level + b_valid < READY_DEPTH)
+        advance = Signal()
+        m.d.comb += advance.eq(walking & credit)
+        if hp.plan:
+            m.d.comb += k_rd.addr.eq(p_oaddr)
+        m.d.sync += b_valid.eq(advance)
+        with m.If(advance):
+            m.d.sync += [
+                b_follow.eq(follow),
+                b_pos.c.eq(cur.c), b_pos.bias.eq(cur.bias), b_pos.neg_start.eq(cur.neg_start),
+                b_pos.spec.eq(cur.spec), b_pos.th.eq(cur.th), b_pos.wbase.eq(cur.wbase),
+                b_pos.oaddr.eq(p_oaddr), b_pos.iy0.eq(p_iy0), b_pos.ix0.eq(p_ix0),
+                b_pos.base.eq(p_base), b_pos.slot.eq(cur_slot),
+            ]
+            with m.If(dx + 1 < cur.wmax):
+                m.d.sync += [dx.eq(dx + 1), p_oaddr.eq(p_oaddr + 1),
+                             p_ix0.eq(p_ix0 + L.stride), p_base.eq(p_base + L.stride)]
+            with m.Else():
+                row_step = Signal(signed(hp.base_bits + 1))
+                m.d.comb += row_step.eq(L.stride * L.w)
+                m.d.sync += [dx.eq(0), dy.eq(dy + 1),
+                             p_oaddr.eq(r_oaddr + L.wo), r_oaddr.eq(r_oaddr + L.wo),
+                             p_iy0.eq(r_iy0 + L.stride), r_iy0.eq(r_iy0 + L.stride),
+                             p_ix0.eq(cur.ix0),
+                             p_base.eq(r_base + row_step), r_base.eq(r_base + row_step)]
+                with m.If(dy + 1 >= cur.hmax):
+                    m.d.sync += walking.eq(0)
+
+        # stage B: decide whether the position enters the ring
+        kd = Signal(kind_layout())
+        if hp.plan:
+            m.d.comb += kd.eq(k_rd.data)
+            with m.If(~L.has_plan):
+                m.d.comb += kd.eq(0)
+        is_leader = Signal()
+        m.d.comb += is_leader.eq(zp & kd.leader)
+        issue = Signal()
+        m.d.comb += issue.eq(b_valid & (kd.kind == COMPUTE) & ~cur.stop0 &
+                             Mux(zp, is_leader != b_follow, 1))
+        rq_in = Signal(ready_layout(hp))
+        m.d.comb += [rq_in.eq(b_pos), rq_in.leader.eq(is_leader)]
+        m.d.comb += [rq.w_en.eq(issue), rq.w_data.eq(rq_in)]
+        const_nz = Signal()
+        m.d.comb += const_nz.eq(b_valid & zp & ~b_follow & is_leader & (kd.kind == CONST) &
+                                kd.const_nz)
+
+        # outstanding leaders and nonzero flags per slot
+        for s in range(NS):
+            inc = issue & is_leader & (b_pos.slot == s)
+            dec = self.fb_valid & (self.fb_slot == s)
+            m.d.sync += outstanding[s].eq(outstanding[s] + inc - dec)
+            with m.If((const_nz & (b_pos.slot == s)) | (dec & self.fb_nz)):
+                m.d.sync += nz[s].eq(1)
+            with m.If(self.grant & (tail == s)):
+                m.d.sync += outstanding[s].eq(0)
+
+        head_out = Signal(8)
+        head_nz = Signal()
+        for s in range(NS):
+            with m.If(head == s):
+                m.d.comb += [head_out.eq(outstanding[s]), head_nz.eq(nz[s])]
+
+        win_push = Signal()
+        ring_push = Signal()
+
+        def start_scan(slot, fol):
+            for s in range(NS):
+                with m.If(slot == s):
+                    u = slot_unit[s]
+                    m.d.sync += [cur.eq(u), p_oaddr.eq(u.oaddr), r_oaddr.eq(u.oaddr),
+                                 p_iy0.eq(u.iy0), r_iy0.eq(u.iy0), p_ix0.eq(u.ix0),
+                                 p_base.eq(u.base), r_base.eq(u.base)]
+            m.d.sync += [cur_slot.eq(slot), follow.eq(fol), walking.eq(1), scanning.eq(1),
+                         dx.eq(0), dy.eq(0)]
+
+        with m.If(scanning):
+            with m.If(~walking & ~b_valid):
+                m.d.sync += scanning.eq(0)
+                with m.If(follow):
+                    m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
+                with m.Else():
+                    m.d.comb += nscan_inc.eq(1)
+        with m.Elif((nscan != 0) & (head_out == 0)):
+            # the oldest unit is scanned and all its leaders are back: decide it
+            with m.If(~zp):
+                m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
+            with m.Elif(~ring_push & res.w_rdy):
+                m.d.comb += [win_push.eq(1)]
+                with m.If(head_nz):
+                    start_scan(head, 1)
+                with m.Else():
+                    m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
+        with m.Elif(nscan < count):
+            start_scan(head + nscan, 0)
+
+        # -- the ring --------------------------------------------------------------------------
+        cl = context_layout(hp)
+        ctx = [Signal(cl, name=f"ctx{k}") for k in range(D)]
+        c0 = ctx[0]
+        T = L.taps
+        rule1 = Signal()
+        rule2 = Signal()
+        m.d.comb += [rule1.eq(pred & (c0.e == c0.spec) & (c0.psum <= c0.th)),
+                     rule2.eq(et_on & (c0.e >= c0.neg_start) & (c0.psum <= 0))]
+        fired = Signal()
+        m.d.comb += fired.eq(rule1 | rule2)
+        finishing = Signal()
+        m.d.comb += finishing.eq(c0.valid & (fired | (c0.e >= T)))
+        m.d.comb += ring_push.eq(finishing & res.w_rdy)
+        free = Signal()
+        m.d.comb += free.eq(~c0.valid | ring_push)
+        take_new = Signal()
+        m.d.comb += take_new.eq(free & rq.r_rdy)
+        m.d.comb += rq.r_en.eq(take_new)
+        nq = Signal(ready_layout(hp))
+        m.d.comb += nq.eq(rq.r_data)
+
+        with m.If(ring_push):
+            m.d.comb += [res.w_en.eq(1), res_in.win.eq(0), res_in.oaddr.eq(c0.oaddr),
+                         res_in.c.eq(c0.c), res_in.psum.eq(c0.psum), res_in.fired.eq(fired),
+                         res_in.e.eq(c0.e), res_in.leader.eq(c0.leader), res_in.slot.eq(c0.slot)]
+        with m.Elif(win_push):
+            m.d.comb += [res.w_en.eq(1), res_in.win.eq(1), res_in.oaddr.eq(slot_unit_widx(
+                m, slot_unit, head, hp)), res_in.fired.eq(~head_nz)]
+
+        e_cur = Signal(hp.tap_bits)
+        m.d.comb += e_cur.eq(Mux(take_new, 0, c0.e))
+        e_next = Signal(hp.tap_bits + 1)
+        m.d.comb += e_next.eq(Mux(e_cur + g > T, T, e_cur + g))
+        lv = Signal(g)
+        m.d.comb += lv.eq(Cat(*[(e_cur + j) < T for j in range(g)]))
+        n1 = ctx[1]
+        with m.If(take_new):
+            m.d.sync += [
+                n1.valid.eq(1), n1.issued.eq(1), n1.lv.eq(lv), n1.c.eq(nq.c),
+                n1.oaddr.eq(nq.oaddr), n1.psum.eq(nq.bias), n1.e.eq(e_next),
+                n1.wrow.eq(nq.wbase + 1), n1.neg_start.eq(nq.neg_start), n1.spec.eq(nq.spec),
+                n1.th.eq(nq.th), n1.leader.eq(nq.leader), n1.slot.eq(nq.slot),
+                n1.iy0.eq(nq.iy0), n1.ix0.eq(nq.ix0), n1.base.eq(nq.base),
+            ]
+            m.d.comb += w_rd.addr.eq(nq.wbase)
+        with m.Elif(c0.valid & ~finishing):
+            m.d.sync += [n1.eq(c0), n1.issued.eq(1), n1.lv.eq(lv), n1.e.eq(e_next),
+                         n1.wrow.eq(c0.wrow + 1)]
+            m.d.comb += w_rd.addr.eq(c0.wrow)
+        with m.Elif(c0.valid & ~ring_push):
+            m.d.sync += [n1.eq(c0), n1.issued.eq(0)]      # result FIFO full: retry next round
+        with m.Else():
+            m.d.sync += [n1.valid.eq(0), n1.issued.eq(0)]
+
+        # stage 1: weight row -> ifmap addresses and padding checks
+        wrow = w_rd.data
+        s2_addr = [Signal(hp.ifa_bits, name=f"s2_addr{j}") for j in range(g)]
+        s2_use = [Signal(name=f"s2_use{j}") for j in range(g)]
+        s2_w = [Signal(signed(cfg.weight_bits), name=f"s2_w{j}") for j in range(g)]
+        c1 = ctx[1]
+        for j in range(g):
+            ent = wl(wrow[j * ew:(j + 1) * ew])
+            iy = c1.iy0 + ent.ky
+            ix = c1.ix0 + ent.kx
+            inb = (iy >= 0) & (iy < L.h) & (ix >= 0) & (ix < L.w)
+            m.d.sync += [s2_addr[j].eq(c1.base + ent.off), s2_w[j].eq(ent.w),
+                         s2_use[j].eq(inb & c1.issued & c1.lv[j])]
+        m.d.sync += ctx[2].eq(c1)
+
+        # stage 2: ifmap read
+        s3_use = [Signal(name=f"s3_use{j}") for j in range(g)]
+        s3_w = [Signal(signed(cfg.weight_bits), name=f"s3_w{j}") for j in range(g)]
+        for j in range(g):
+            m.d.comb += i_rd[j].addr.eq(s2_addr[j])
+            m.d.sync += [s3_use[j].eq(s2_use[j]), s3_w[j].eq(s2_w[j])]
+        m.d.sync += ctx[3].eq(ctx[2])
+
+        # stage 3: register the ifmap data (BRAM output register)
+        s4_a = [Signal(signed(cfg.act_bits + 1), name=f"s4_a{j}") for j in range(g)]
+        s4_w = [Signal(signed(cfg.weight_bits), name=f"s4_w{j}") for j in range(g)]
+        for j in range(g):
+            raw = i_rd[j].data
+            a = Mux(L.act_signed, raw.as_signed(), raw)
+            m.d.sync += [s4_a[j].eq(Mux(s3_use[j], a, 0)), s4_w[j].eq(s3_w[j])]
+        m.d.sync += ctx[4].eq(ctx[3])
+
+        # stage 4: multiply (product registered)
+        s5_p = [Signal(signed(hp.prod_bits), name=f"s5_p{j}") for j in range(g)]
+        for j in range(g):
+            m.d.sync += s5_p[j].eq(s4_a[j] * s4_w[j])
+        m.d.sync += ctx[5].eq(ctx[4])
+
+        # stage 5: accumulate into the context's partial sum
+        total = s5_p[0]
+        for j in range(1, g):
+            total = total + s5_p[j]
+        m.d.sync += [ctx[0].eq(ctx[5]), ctx[0].psum.eq(ctx[5].psum + total)]
+
+        busy = Signal()
+        m.d.comb += busy.eq(Cat(*[k.valid for k in ctx]).any() | (count != 0) | scanning |
+                            b_valid | rq.r_rdy | res.r_rdy)
+        m.d.comb += self.idle.eq(~busy)
+        return m
+
+
+def slot_unit_widx(m, slot_unit, head, hp):
+    """The window index of the head slot's unit."""
+    widx = Signal(hp.ofa_bits)
+    for s, u in enumerate(slot_unit):
+        with m.If(head == s):
+            m.d.comb += widx.eq(u.widx)
+    return widx

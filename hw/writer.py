@@ -1,0 +1,108 @@
+"""The writer: one result per cycle from the PEs, requantized into the ofmap buffer."""
+
+from __future__ import annotations
+
+from amaranth import Module, Mux, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from .arbiter import RoundRobin
+from .layouts import layer_layout, ofmap_layout, param_layout, result_layout, write_bus
+from .params import HwParams
+
+__all__ = ["Writer"]
+
+INT32_MAX = (1 << 31) - 1
+
+
+class Writer(wiring.Component):
+    """Round-robin over the PEs' result streams; ``q(acc)`` (or raw) into the ofmap buffer.
+
+    Pipeline: choose and read the channel's ``M``/``sh``; multiply (registered); round, shift
+    and clamp; write. Window decisions go to the window-flag memory. The requantized value of a
+    leader is returned to its PE (``fb_*``): the window decision needs the *final* output.
+
+    Members
+    -------
+    layer : In(layer_layout)
+    results : In(stream of result_layout).array(lanes)
+    prm_addr : Out(channel), prm_data : In(param_layout)
+    ofmap, winflag : Out(write buses)
+    fb_valid : Out(lanes), fb_slot, fb_nz : Out
+    busy : Out(1)
+    """
+
+    def __init__(self, hp: HwParams):
+        self._hp = hp
+        super().__init__({
+            "layer": In(layer_layout(hp)),
+            "results": In(stream.Signature(result_layout(hp))).array(hp.lanes),
+            "prm_addr": Out(hp.c_bits), "prm_data": In(param_layout(hp)),
+            "ofmap": Out(write_bus(hp.ofa_bits, ofmap_layout(hp))),
+            "winflag": Out(write_bus(hp.ofa_bits, 1)),
+            "fb_valid": Out(hp.lanes), "fb_slot": Out(hp.slot_bits), "fb_nz": Out(1),
+            "busy": Out(1),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        hp = self._hp
+        L = self.layer
+        n = hp.lanes
+        rl = result_layout(hp)
+        m.submodules.rr = rr = RoundRobin(n)
+        for i in range(n):
+            m.d.comb += [rr.req[i].eq(self.results[i].valid),
+                         self.results[i].ready.eq(rr.grant[i])]
+        m.d.comb += rr.advance.eq(1)
+        chosen = Signal(rl)
+        for i in range(n):
+            with m.If(rr.index == i):
+                m.d.comb += chosen.eq(self.results[i].payload)
+        m.d.comb += self.prm_addr.eq(chosen.c)
+
+        # stage 1: channel parameters arrive; multiply
+        v1 = Signal()
+        r1 = Signal(rl)
+        pe1 = Signal(range(max(2, n)))
+        m.d.sync += [v1.eq(rr.valid), r1.eq(chosen), pe1.eq(rr.index)]
+        pos = Signal()
+        m.d.comb += pos.eq((r1.psum > 0) & ~r1.fired)
+        v2 = Signal()
+        r2 = Signal(rl)
+        pe2 = Signal.like(pe1)
+        prod = Signal(hp.acc_bits + 16)
+        sh2 = Signal(6)
+        raw2 = Signal(hp.value_bits)
+        pos2 = Signal()
+        m.d.sync += [v2.eq(v1), r2.eq(r1), pe2.eq(pe1), sh2.eq(self.prm_data.sh), pos2.eq(pos),
+                     prod.eq(Mux(pos, r1.psum, 0).as_unsigned() * self.prm_data.m),
+                     raw2.eq(Mux(r1.psum > INT32_MAX, INT32_MAX, r1.psum))]
+
+        # stage 2: round, shift, clamp
+        v3 = Signal()
+        r3 = Signal(rl)
+        pe3 = Signal.like(pe1)
+        val3 = Signal(hp.value_bits)
+        rnd = Signal(hp.acc_bits + 17)
+        m.d.comb += rnd.eq(prod + ((Mux(sh2 != 0, 1, 0) << sh2) >> 1))
+        scaled = Signal(hp.acc_bits + 17)
+        m.d.comb += scaled.eq(rnd >> sh2)
+        top = Signal(17)
+        m.d.comb += top.eq((1 << L.out_bits) - 1)
+        q = Mux(scaled > top, top, scaled)
+        m.d.sync += [v3.eq(v2), r3.eq(r2), pe3.eq(pe2),
+                     val3.eq(Mux(~pos2, 0, Mux(L.raw, raw2, q)))]
+
+        # stage 3: write
+        m.d.comb += [
+            self.ofmap.en.eq(v3 & ~r3.win), self.ofmap.addr.eq(r3.oaddr),
+            self.ofmap.data.value.eq(val3), self.ofmap.data.e.eq(r3.e),
+            self.winflag.en.eq(v3 & r3.win), self.winflag.addr.eq(r3.oaddr),
+            self.winflag.data.eq(r3.fired),
+            self.fb_slot.eq(r3.slot), self.fb_nz.eq(val3 != 0),
+        ]
+        for i in range(n):
+            m.d.comb += self.fb_valid[i].eq(v3 & ~r3.win & r3.leader & (pe3 == i))
+        m.d.comb += self.busy.eq(v1 | v2 | v3)
+        return m
