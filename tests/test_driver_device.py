@@ -163,3 +163,13 @@ def test_serial_silent_device_times_out_without_hanging():
         assert time.monotonic() - t0 < 5
         peer.stop()
         dev.close()
+
+
+@pytest.mark.parametrize("bus_bits", [32, 64, 128])
+def test_message_bytes_equals_protocol_to_bytes(bus_bits):
+    from skipconv.sw.driver.device import message_bytes
+    config = EngineConfig(bus_bits=bus_bits)
+    rng = np.random.default_rng(bus_bits)
+    for n in range(1, 10):
+        words = rng.integers(0, 1 << 32, size=n).tolist()
+        assert message_bytes(words, config) == protocol.to_bytes(words, config)

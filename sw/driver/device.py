@@ -29,7 +29,7 @@ from . import tiling
 from .transport import CallTransport, CorruptResult, Transport
 
 __all__ = ["DeviceError", "Device", "GoldenDevice", "EngineDevice", "check_layer",
-           "check_input", "open_device", "responder_engine", "DEVICE_NAMES"]
+           "check_input", "open_device", "responder_engine", "message_bytes", "DEVICE_NAMES"]
 
 DEVICE_NAMES = ("golden", "responder", "sim", "serial:PORT", "xrt")
 
@@ -155,6 +155,17 @@ class GoldenDevice(Device):
         return result
 
 
+def message_bytes(words, config: EngineConfig) -> bytes:
+    """One message as little-endian bytes with its beat padding (as ``protocol.to_bytes``,
+    vectorized: the host must not be the bottleneck on long weight and ifmap messages)."""
+    per_beat = config.bus_bits // 32
+    w = np.asarray(words, dtype=np.int64) & 0xFFFFFFFF
+    pad = (-len(w)) % per_beat
+    if pad:
+        w = np.concatenate([w, np.zeros(pad, np.int64)])
+    return w.astype("<u4").tobytes()
+
+
 def responder_engine(config: EngineConfig):
     """A byte-level engine for a transport or a framed peer: the protocol's GoldenResponder.
 
@@ -231,7 +242,7 @@ class EngineDevice(Device):
         t0 = time.perf_counter()
         # Pipelined: every command is answered by exactly one reply sequence, in order.
         for words in commands:
-            self.transport.send(protocol.to_bytes(words, config))
+            self.transport.send(message_bytes(words, config))
         first_error = None
         for op in names[:-1]:
             reply = self._reply()
