@@ -262,7 +262,9 @@ class PE(wiring.Component):
                 with m.Else():
                     m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
         with m.Elif(nscan < count):
-            start_scan(head + nscan, 0)
+            next_slot = Signal(hp.slot_bits)
+            m.d.comb += next_slot.eq(head + nscan)
+            start_scan(next_slot, 0)
 
         # -- the ring --------------------------------------------------------------------------
         cl = context_layout(hp)
