@@ -29,6 +29,7 @@ _F32_EXACT = 1 << 24
 _F64_EXACT = 1 << 53
 _REFINE_BLOCK = 1 << 21   # elements per chunk of the early-termination search (~16 MB int64)
 _MAX_BLOCKS = 32          # most block boundaries in the early-termination search
+_BATCH_ELEMENTS = 1 << 24  # tap-matrix elements per batch chunk (~128 MB float64)
 
 
 @dataclass
@@ -113,13 +114,18 @@ class Result:
 # -- arithmetic helpers ----------------------------------------------------------------------
 
 def im2col(x: np.ndarray, k: int, stride: int, pad: int, dtype=np.float64) -> np.ndarray:
-    """Return the ``(Cin*K*K, Ho*Wo)`` tap matrix; row ``ci*K*K + ky*K + kx`` is that tap."""
-    cin = x.shape[0]
-    xp = np.pad(x.astype(dtype, copy=False), ((0, 0), (pad, pad), (pad, pad)))
-    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(1, 2))
-    win = win[:, ::stride, ::stride]                 # (Cin, Ho, Wo, K, K)
-    ho, wo = win.shape[1], win.shape[2]
-    return np.ascontiguousarray(win.transpose(0, 3, 4, 1, 2)).reshape(cin * k * k, ho * wo)
+    """Return the ``(Cin*K*K, [N*]Ho*Wo)`` tap matrix; row ``ci*K*K + ky*K + kx`` is that tap.
+
+    ``x`` is ``(Cin, H, W)`` or a batch ``(N, Cin, H, W)``; a batch's columns are image-major.
+    """
+    batch = x if x.ndim == 4 else x[None]
+    n, cin = batch.shape[:2]
+    xp = np.pad(batch.astype(dtype, copy=False), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))
+    win = win[:, :, ::stride, ::stride]              # (N, Cin, Ho, Wo, K, K)
+    ho, wo = win.shape[2], win.shape[3]
+    return np.ascontiguousarray(win.transpose(1, 4, 5, 0, 2, 3)).reshape(cin * k * k,
+                                                                          n * ho * wo)
 
 
 def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int) -> np.ndarray:
@@ -293,46 +299,86 @@ def _first_stop(order, w2, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Taps, g
 # -- the layer -------------------------------------------------------------------------------
 
 def run(layer: Layer, x: np.ndarray, g: int = 1) -> Result:
-    """Run ``layer`` on input ``x`` with ``g`` MACs per step; see docs/semantics.md."""
+    """Run ``layer`` on input ``x`` with ``g`` MACs per step; see docs/semantics.md.
+
+    ``x`` is one input ``(Cin, H, W)`` or a batch ``(N, Cin, H, W)``. For a batch, ``out``,
+    ``macs`` and ``outcome`` get a leading ``N`` axis and the counters are summed over it.
+    """
     if not isinstance(g, (int, np.integer)) or isinstance(g, bool) or g < 1:
         raise LayerError(f"g = {g!r}: must be an integer >= 1")
     g = int(g)
-    layer.validate(g=g, x=x)
+    x = np.asarray(x)
+    batched = x.ndim == 4
+    if batched:
+        layer.validate(g=g)
+        if x.shape[1:] != tuple(layer.in_shape):
+            raise LayerError(f"x.shape = {x.shape}: a batch must be (N, "
+                             f"{', '.join(str(v) for v in layer.in_shape)})")
+        layer.validate(x=x[0])                              # dtype
+        lo, hi = layer.x_range()
+        if x.size and (x.min() < lo or x.max() > hi):
+            bad = int(x.min()) if x.min() < lo else int(x.max())
+            raise LayerError(f"x = {bad}: outside the input range {lo}..{hi}")
+    else:
+        layer.validate(g=g, x=x)
     L = layer.normalized(validate=False)
-    x = np.asarray(x, np.int64)
+    xs = x.astype(np.int64)[None] if not batched else x.astype(np.int64)
+    ho, wo = L.out_hw
+    per_image = max(1, L.taps * ho * wo)
+    chunk = max(1, _BATCH_ELEMENTS // per_image)
+    parts = [_run_batch(L, xs[i:i + chunk], g) for i in range(0, len(xs), chunk)]
+    result = parts[0] if len(parts) == 1 else _concat(parts)
+    if not batched:
+        result.out, result.macs, result.outcome = result.out[0], result.macs[0], result.outcome[0]
+    return result
+
+
+def _concat(parts: list[Result]) -> Result:
+    out = Result(out=np.concatenate([r.out for r in parts]),
+                 macs=np.concatenate([r.macs for r in parts]),
+                 outcome=np.concatenate([r.outcome for r in parts]),
+                 positions={k: sum(r.positions[k] for r in parts) for k in OUTCOMES})
+    for name in _COUNTERS:
+        setattr(out, name, sum(getattr(r, name) for r in parts))
+    return out
+
+
+def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
+    """The rules on a batch: images are just more columns of the (Cout, N*Ho*Wo) matrices."""
+    n = len(xs)
     cout, ho, wo = L.out_shape
     t = L.taps
-    npos = ho * wo
     w2 = L.w.reshape(cout, t)
-    taps = _Taps(x, L)
+    taps = _Taps(xs, L)
 
-    acc = L.b[:, None] + _exact_products(w2, taps, taps.xmax)          # (Cout, P)
+    acc = L.b[:, None] + _exact_products(w2, taps, taps.xmax)          # (Cout, N*P)
     e_stop, fired = _stop_points(L, acc, taps, w2, g)
 
     if L.raw:
         value = np.minimum(np.maximum(acc, 0), INT32_MAX)
     else:
         value = requantize(acc, L.M, L.sh, L.out_bits)
-    value = np.where(fired, 0, value).reshape(cout, ho, wo)
-    e_stop = e_stop.reshape(cout, ho, wo)
+    shape = (cout, n, ho, wo)
+    value = np.where(fired, 0, value).reshape(shape)
+    e_stop = e_stop.reshape(shape)
 
-    kind = L.kind
-    out = np.where(kind == CONST, L.const, value)
+    kind = L.kind[:, None]                                   # the plan is the same per image
+    out = np.where(kind == CONST, L.const[:, None], value)
 
-    predicted = np.zeros((cout, ho, wo), bool)
+    predicted = np.zeros(shape, bool)
     if L.p:
-        predicted = _predicted_followers(out, kind, L.leader, L.p)
+        predicted = _predicted_followers(out, kind, L.leader[:, None], L.p)
         out = np.where(predicted, 0, out)
 
-    copy = kind == COPY
+    copy = np.broadcast_to(kind == COPY, shape)
     if copy.any():
         ny, nx = L.nn[..., 0], L.nn[..., 1]
-        out = np.where(copy, out[:, ny, nx], out)
+        out = np.where(copy, out[..., ny, nx], out)
 
     computed = (kind == COMPUTE) & ~predicted
     macs = np.where(computed, e_stop, 0).astype(np.int64)
-    outcome = np.full((cout, ho, wo), COMPUTED, np.int8)
-    outcome[kind == CONST] = CONST
+    outcome = np.full(shape, COMPUTED, np.int8)
+    outcome[np.broadcast_to(kind == CONST, shape)] = CONST
     outcome[copy] = COPY
     outcome[predicted] = PREDICTED
     outcome[computed & (e_stop < t)] = STOPPED
@@ -340,8 +386,9 @@ def run(layer: Layer, x: np.ndarray, g: int = 1) -> Result:
     counts = np.bincount(outcome.ravel(), minlength=len(OUTCOMES))
     n_const, n_copy, n_pred = int(counts[CONST]), int(counts[COPY]), int(counts[PREDICTED])
     result = Result(
-        out=out.astype(np.int64), macs=macs, outcome=outcome,
-        dense=cout * npos * t,
+        out=out.astype(np.int64).swapaxes(0, 1), macs=macs.swapaxes(0, 1),
+        outcome=outcome.swapaxes(0, 1),
+        dense=cout * n * ho * wo * t,
         performed=int(macs.sum()),
         velcro=n_const * t,
         perforation=n_copy * t,
@@ -356,11 +403,14 @@ def run(layer: Layer, x: np.ndarray, g: int = 1) -> Result:
 
 
 def _predicted_followers(out, kind, leader, p):
-    """Followers (COMPUTE, not leaders) of windows whose leaders are all zero."""
-    cout, ho, wo = out.shape
+    """Followers (COMPUTE, not leaders) of windows whose leaders are all zero.
+
+    Works on the last two axes (Ho, Wo); leading axes (channels, images) broadcast.
+    """
+    *lead, ho, wo = out.shape
     hp, wp = -(-ho // p) * p, -(-wo // p) * p
-    nonzero_leader = np.zeros((cout, hp, wp), bool)           # outside the ofmap: zero
-    nonzero_leader[:, :ho, :wo] = leader & (out != 0)
-    live = nonzero_leader.reshape(cout, hp // p, p, wp // p, p).any(axis=(2, 4))
-    window_predicted = np.repeat(np.repeat(~live, p, axis=1), p, axis=2)[:, :ho, :wo]
+    nonzero_leader = np.zeros((*lead, hp, wp), bool)          # outside the ofmap: zero
+    nonzero_leader[..., :ho, :wo] = leader & (out != 0)
+    live = nonzero_leader.reshape(*lead, hp // p, p, wp // p, p).any(axis=(-3, -1))
+    window_predicted = np.repeat(np.repeat(~live, p, axis=-2), p, axis=-1)[..., :ho, :wo]
     return window_predicted & ~leader & (kind == COMPUTE)

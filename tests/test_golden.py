@@ -257,3 +257,25 @@ def test_bad_g_is_refused():
     if odd.size:
         with pytest.raises(ValueError, match=r"spec\[\d+\].*multiple of g = 4"):
             golden.run(layer, x, g=4)
+
+
+@pytest.mark.parametrize("features", FEATURE_SETS)
+def test_batch_equals_one_image_at_a_time(features, monkeypatch):
+    """A batch is only more columns: every image's result equals its own run."""
+    rng = np.random.default_rng(11)
+    layer = randlayer.random_layer(rng, cin=3, cout=4, h=7, w=9, features=features, g=2,
+                                   et="predictive")
+    xs = np.stack([randlayer.random_input(rng, layer.in_shape) for _ in range(5)])
+    # Force several chunks so the chunked path is exercised too.
+    monkeypatch.setattr(golden, "_BATCH_ELEMENTS", layer.taps * 7 * 9 * 2)
+    batch = golden.run(layer, xs, g=2)
+    singles = [golden.run(layer, x, g=2) for x in xs]
+    for i, one in enumerate(singles):
+        np.testing.assert_array_equal(batch.out[i], one.out)
+        np.testing.assert_array_equal(batch.macs[i], one.macs)
+        np.testing.assert_array_equal(batch.outcome[i], one.outcome)
+    for name in ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term"):
+        assert getattr(batch, name) == sum(getattr(r, name) for r in singles)
+    assert batch.positions == {k: sum(r.positions[k] for r in singles) for k in golden.OUTCOMES}
+    with pytest.raises(ValueError, match=r"x.shape = \(5, 3, 7, 8\): a batch must be"):
+        golden.run(layer, xs[..., :8], g=2)
