@@ -15,6 +15,7 @@ input with its own calibrated scale.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import io
 import json
@@ -399,6 +400,28 @@ class ExportedNet:
     @property
     def skipped(self) -> list[tuple[str, str]]:
         return [(c.name, c.reason) for c in self.convs if c.stage is None]
+
+    def with_layers(self, layers) -> "ExportedNet":
+        """A copy running ``layers`` (e.g. configured by a method) instead of :attr:`layers`.
+
+        Each replacement must have the exported layer's input shape and weight shape; a
+        replacement without scales in ``meta`` takes the exported layer's.
+        """
+        layers = list(layers)
+        if len(layers) != len(self.layers):
+            raise ExportError(f"layers: {len(layers)} given; the network has "
+                              f"{len(self.layers)} engine layers")
+        out = []
+        for i, (new, old) in enumerate(zip(layers, self.layers)):
+            if tuple(new.in_shape) != tuple(old.in_shape) or new.w.shape != old.w.shape:
+                raise ExportError(f"layers[{i}] ({new.name!r}): in_shape {tuple(new.in_shape)}"
+                                  f" / w.shape {new.w.shape} differ from the exported "
+                                  f"{tuple(old.in_shape)} / {old.w.shape}")
+            new.validate()
+            if any(k not in new.meta for k in ("s_x", "s_y", "input_from")):
+                new = dataclasses.replace(new, meta={**old.meta, **new.meta})
+            out.append(new)
+        return ExportedNet(self.model, self.gm, self.convs, out, self.spec, self.shapes)
 
     # -- evaluation ------------------------------------------------------------------------
 

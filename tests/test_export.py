@@ -322,3 +322,23 @@ def test_cli_exports_a_user_module(tmp_path, capsys):
     assert [L.in_shape for L in net.layers] == [(1, 28, 28), (4, 13, 13)]
     assert net.layers[1].meta["input_from"] == 0
     assert main(["export", "--module", f"{src}:nothing", "-o", str(out)]) == 2
+
+
+def test_with_layers_runs_configured_layers(lenet, tmp_path):
+    import dataclasses
+
+    _, net = lenet
+    x = data.mnist_split("test").x[:8]
+    # Exact early termination (positive weights first) never changes an output.
+    L = net.layers[1]
+    w = L.w.reshape(L.cout, -1)
+    order = np.argsort(w <= 0, axis=1, kind="stable")
+    neg_start = (w > 0).sum(axis=1)
+    et = dataclasses.replace(L, et="exact", order=order, neg_start=neg_start, meta={})
+    configured = net.with_layers([net.layers[0], et, net.layers[2]])
+    assert configured.layers[1].meta["s_y"] == L.meta["s_y"]
+    assert torch.equal(configured.forward_int(x), net.forward_int(x))
+    configured.save(tmp_path / "cfg")
+    assert export.load(tmp_path / "cfg").layers[1].et == "exact"
+    with pytest.raises(export.ExportError, match="layers\\[0\\]"):
+        net.with_layers([net.layers[1], net.layers[1], net.layers[2]])

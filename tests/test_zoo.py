@@ -76,3 +76,43 @@ def test_cache_key_covers_hyper_parameters_and_data():
     assert zoo._key("lenet", zoo.TrainSpec(epochs=spec.epochs + 1), "abc") != base
     assert zoo._key("lenet", spec, "abd") != base
     assert zoo._key("vgg_small", spec, "abc") != base
+
+
+def test_two_concurrent_requests_train_once(monkeypatch, tmp_path):
+    """Two callers (as two pytest-xdist workers) at once: one trains, the other loads."""
+    import threading
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 2, 5, stride=4)
+            self.fc = torch.nn.Linear(2 * 6 * 6, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(torch.relu(self.conv(x)), 1))
+
+    monkeypatch.setenv("SKIPCONV_CACHE", str(tmp_path))
+    monkeypatch.setitem(zoo.MODELS, "tiny", (Tiny, zoo.TrainSpec(epochs=1, batch=500)))
+    trained = []
+    real_train = zoo.train
+
+    def counting_train(*a, **k):
+        trained.append(1)
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(zoo, "train", counting_train)
+    models = [None, None]
+
+    def get(i):
+        models[i] = zoo.get_model("tiny", progress=False)
+
+    threads = [threading.Thread(target=get, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(trained) == 1
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.equal(a, b)
+    files = [p.name for p in (tmp_path / "zoo").iterdir() if p.suffix == ".pt"]
+    assert len(files) == 1 and files[0].startswith("tiny-")
