@@ -17,8 +17,10 @@ def add_arguments(parser):
     parser.add_argument("--device", choices=("auto", "sim", "golden"), default="auto",
                         help="where the engine layers run: the Verilator simulation (sim), "
                              "the golden model, or auto = sim when it can be built (default)")
-    parser.add_argument("--method", choices=("auto", "dense"), default="auto",
-                        help="skip configuration: the best the methods provide (auto) or none")
+    parser.add_argument("--method", choices=("auto", "joint", "dense"), default="auto",
+                        help="skip configuration: exact early termination + diagonal zero "
+                             "prediction searched per layer (auto, default), the methods' "
+                             "joint search (slower), or none")
     parser.add_argument("-o", "--out", default="out/demo",
                         help="folder for report.md, results.json, layers.csv and plots "
                              "(default: out/demo)")
