@@ -82,7 +82,6 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
     """Malformed command sequences that apply to ``config`` (about 50-60 for a full engine)."""
     rng = np.random.default_rng(seed)
     cfg = config
-    planned = bool(plan_features(cfg))
     L = small_layer(cfg, rng)
     x = randlayer.random_input(rng, L.in_shape, act_bits=L.act_bits)
     lay = P.encode_layer(L, cfg)
@@ -118,6 +117,7 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
     one("magic 0x5C on RUN", E.BAD_MAGIC, _replace(run, 0, (run[0] & ~0xFF) | 0x5C))
     one("garbage word", E.BAD_MAGIC, [0xDEADBEEF])
     one("a result header sent as a command", E.BAD_MAGIC, [0x0000_80C6, 0])
+    one("reserved header bits set", E.BAD_MAGIC, _replace(lay, 0, lay[0] | 0x0001_0000))
     # -- BAD_OPCODE --------------------------------------------------------------------------
     for opc in (0x00, 0x05, 0x80, 0xFF):
         one(f"opcode 0x{opc:02X}", E.BAD_OPCODE, [P.MAGIC | opc << 8, 1, 0])
@@ -152,6 +152,8 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
         case("LOAD_PLAN tlast early", [E.BAD_LENGTH], (lay, True), (early(plan), True))
     # -- LIMIT -------------------------------------------------------------------------------
     one("Cout > max_cout", E.LIMIT, layer_field(0, 16, 16, cfg.max_cout + 1))
+    if cfg.max_ifmap < 0xFFFF:
+        one("W > max_ifmap", E.LIMIT, layer_field(1, 16, 16, cfg.max_ifmap + 1))
     h_big = cfg.max_ifmap // L.cin + 1
     if h_big < 1 << 16:
         one("Cin*H*W > max_ifmap", E.LIMIT, layer_field(1, 0, 16, h_big))
@@ -169,31 +171,18 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
         if cin_big < 1 << 16 and cin_big * L.in_shape[1] * L.in_shape[2] <= cfg.max_ifmap:
             w = layer_field(0, 0, 16, cin_big)
             one("T > max_taps", E.LIMIT, _replace(w, 6, t_big))
-    if cfg.out_bits < 255:
-        one("out_bits > config", E.LIMIT, layer_field(3, 8, 8, cfg.out_bits + 1))
     # -- FEATURE -----------------------------------------------------------------------------
     if not cfg.has("early_term"):
         one("et exact without early_term", E.FEATURE, layer_field(3, 2, 2, 1))
         one("et predictive without early_term", E.FEATURE, layer_field(3, 2, 2, 2))
     if not cfg.has("zero_pred"):
         one("p = 2 without zero_pred", E.FEATURE, layer_field(2, 24, 8, 2))
-    if not planned:
-        one("has_plan without planned mechanisms", E.FEATURE, layer_field(3, 4, 1, 1))
-        case("LOAD_PLAN without planned mechanisms", [E.FEATURE], (lay, True),
-             (_msg(Op.LOAD_PLAN, [0] * (1 + L.cout * L.out_hw[0] * L.out_hw[1])), True))
-    if planned:
-        cout, ho, wo = L.out_shape
-        base_plan = plan if plan is not None else None
-        lay_plan = lay if P.has_plan(L) else None
-        if lay_plan is not None:
-            if not cfg.has("velcro"):
-                case("CONST without velcro", [E.FEATURE], (lay_plan, True),
-                     (_replace(base_plan, 3, CONST), True))
-            if not cfg.has("perforation"):
-                case("COPY without perforation", [E.FEATURE], (lay_plan, True),
-                     (_replace(base_plan, 3, COPY), True))
-                case("has_nn without perforation", [E.FEATURE], (lay_plan, True),
-                     (_msg(Op.LOAD_PLAN, [1] + list(base_plan[3:]) + [0] * (ho * wo)), True))
+    for feature, kind_code in (("velcro", CONST), ("perforation", COPY)):
+        if not cfg.has(feature):
+            Lf = small_layer(cfg, rng, features=[feature], name=feature)
+            if Lf.kind is not None and (np.asarray(Lf.kind) == kind_code).any():
+                case(f"{feature} plan on an engine without it", [E.FEATURE],
+                     (P.encode_layer(Lf, cfg), True), (P.encode_plan(Lf, cfg), True))
     if not cfg.trace:
         case("RUN trace without trace", [E.FEATURE], *setup(), (ifm, True),
              (P.encode_run(True), True))
@@ -212,6 +201,7 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
         _replace(small_h, 4, _set_bits(small_h[4], 16, 8, 0)))
     one("et = 3", E.BAD_VALUE, layer_field(3, 2, 2, 3))
     one("out_bits = 0", E.BAD_VALUE, layer_field(3, 8, 8, 0))
+    one("out_bits = 17", E.BAD_VALUE, layer_field(3, 8, 8, 17))
     one("T != Cin*K*K", E.BAD_VALUE, _replace(lay, 6, L.taps + 1))
     ch = 2 + P.LAYER_HEADER_WORDS          # first per-channel word
     one("M = 0", E.BAD_VALUE, _replace(lay, ch + 1, lay[ch + 1] & ~0xFFFF))
@@ -226,15 +216,11 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
                                                                       L.taps)))
     one("tap index 0xFFFF (last channel)", E.BAD_VALUE,
         _replace(lay, len(lay) - 1, lay[-1] | 0xFFFF0000))
+    if cfg.weight_bits < 16:
+        one("weight not sign-extended", E.BAD_VALUE,
+            _replace(lay, wts + 1, (lay[wts + 1] & 0xFFFF0000) | (1 << cfg.weight_bits)))
     if plan is not None:
         case("plan kind 3", [E.BAD_VALUE], (lay, True), (_replace(plan, 4, 3), True))
-        if cfg.has("velcro"):
-            case("CONST above 2**out_bits - 1", [E.BAD_VALUE], (lay, True),
-                 (_replace(plan, 5, CONST | ((1 << L.out_bits) << 8)), True))
-        if cfg.has("perforation"):
-            no_nn = [0] + plan[3:3 + L.cout * L.out_hw[0] * L.out_hw[1]]
-            case("COPY without an NN table", [E.BAD_VALUE], (lay, True),
-                 (_msg(Op.LOAD_PLAN, _replace(no_nn, 2, COPY)), True))
     if cfg.has("perforation"):
         Lp = small_layer(cfg, rng, features=["perforation"], name="perforated")
         lay_p, plan_p = P.encode_layer(Lp, cfg), P.encode_plan(Lp, cfg)
@@ -255,9 +241,11 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
          (layer_field(0, 0, 16, 0), True), (run, True))
     case("RUN after a refused LOAD_IFMAP", [E.BAD_LENGTH, E.NOT_READY], *setup(), (ifm, True),
          (early(ifm), True), (run, True))
-    if planned:
-        case("LOAD_PLAN after a refused LOAD_LAYER", [E.BAD_LENGTH, E.NOT_READY],
-             (lay[:4], True), (_msg(Op.LOAD_PLAN, [0]), True))
+    case("LOAD_PLAN after a refused LOAD_LAYER", [E.BAD_LENGTH, E.NOT_READY],
+         (lay[:4], True), (_msg(Op.LOAD_PLAN, [0]), True))
+    # A message with a bad magic is no LOAD_*: what is loaded stays loaded.
+    case("RUN after a bad-magic LOAD_LAYER header", [E.BAD_MAGIC], *setup(), (ifm, True),
+         ([lay[0] & ~0xFF, 0], True), (run, True))
     case("RUN after a new LOAD_LAYER dropped the ifmap", [E.NOT_READY], *setup(), (ifm, True),
          *setup(), (run, True))
     # -- several faults in a row -------------------------------------------------------------
@@ -283,5 +271,5 @@ def _ofmap_overflow(cfg: EngineConfig, L: Layer):
                 return None
             words = [L.cin | cout << 16, h | h << 16, kk | 1 << 8 | pad << 16,
                      min(8, cfg.out_bits) << 8, t]
-            return P.header(Op.LOAD_LAYER, 5 + 5 * cout + cout * t) + words
+            return P.header(Op.LOAD_LAYER, 6) + words + [0]
     return None

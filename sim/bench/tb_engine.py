@@ -39,7 +39,8 @@ class EngineTestbench:
         self.cmd_mon = CommandMonitor(dut, self.model)
         self.results = ResultMonitor(dut, config)
         self.checker = InOrderChecker()
-        self.matched = 0            # expected/actual messages already paired
+        self.exp_done = 0           # expected messages of the steps already checked
+        self.act_done = 0           # actual messages of the steps already checked
 
     def cycles(self) -> int:
         return int(get_sim_time("ns") // CLOCK_NS)
@@ -58,10 +59,11 @@ class EngineTestbench:
             await self.cmd_mon.seen.wait()
 
     async def _replies(self, n: int):
+        """Wait until ``n`` messages arrived in this step."""
         res = self.results
-        while len(res.actual) < n:
+        while len(res.actual) - self.act_done < n:
             res.changed.clear()
-            if len(res.actual) >= n:
+            if len(res.actual) - self.act_done >= n:
                 break
             await res.changed.wait()
 
@@ -75,16 +77,24 @@ class EngineTestbench:
                 steps += dense // (self.config.lanes * self.config.g)
         return 20_000 + 20 * words + 4 * steps
 
-    def _compare(self, tag, upto=None):
-        exp, act = self.model.expected, self.results.actual
-        end = len(exp) if upto is None else upto
+    def _close_step(self, tag):
+        """Pair this step's expected and actual messages, then start the next step afresh.
+
+        Each step is checked on its own: a missing or extra reply is reported once and does
+        not shift the comparison of the steps after it.
+        """
+        exp = self.model.expected[self.exp_done:]
+        act = self.results.actual[self.act_done:]
         errors = []
-        for i in range(self.matched, end):
-            if i >= len(act):
-                break
-            if not self.checker.check(exp[i], act[i], f"{tag} reply {i - self.matched}"):
+        for i, (e, a) in enumerate(zip(exp, act)):
+            if not self.checker.check(e, a, f"{tag} reply {i}"):
                 errors.append(self.checker.errors[-1])
-        return errors
+        if len(act) > len(exp):
+            errors.append(f"{tag}: {len(act) - len(exp)} replies more than expected: "
+                          + ", ".join(m.name for m in act[len(exp):][:5]))
+        self.exp_done = len(self.model.expected)
+        self.act_done = len(self.results.actual)
+        return exp, act, errors
 
     async def step_commands(self, step) -> dict:
         tag, chunks = step["tag"], step["chunks"]
@@ -93,21 +103,21 @@ class EngineTestbench:
             self.results.start_stalls(step["stall_out"], step.get("seed", 0))
         await self.driver.send(chunks, step.get("stall_in", 0.0), step.get("seed", 0))
         await self._all_seen()
-        expected = self.model.expected[self.matched:]
+        expected = self.model.expected[self.exp_done:]
         errors = []
         try:
-            await with_timeout(self._replies(len(self.model.expected)),
+            await with_timeout(self._replies(len(expected)),
                                self._budget_cycles(chunks, expected) * CLOCK_NS, "ns")
         except SimTimeoutError:
-            got = len(self.results.actual) - self.matched
+            got = len(self.results.actual) - self.act_done
             errors.append(f"{tag}: engine hung: {got} of {len(expected)} replies "
                           f"({', '.join(m.name for m in expected)}) after "
                           f"{self.cycles() - t0} cycles")
+        # A few quiet cycles: a reply beyond the expected ones shows up in this step.
+        await Timer(20 * CLOCK_NS, "ns")
         self.results.stop_stalls()
-        errors += self._compare(tag)
-        actual = self.results.actual[self.matched:self.matched + len(expected)]
-        self.matched += len(expected)
-        return {"tag": tag, "expected": expected, "actual": actual, "errors": errors,
+        expected, actual, more = self._close_step(tag)
+        return {"tag": tag, "expected": expected, "actual": actual, "errors": errors + more,
                 "cycles": self.cycles() - t0}
 
     async def step_reset(self, step) -> dict:
@@ -124,20 +134,22 @@ class EngineTestbench:
         await Timer(max(1, step["after"]) * CLOCK_NS, "ns")
         if not self.dut.busy.value:
             errors.append(f"{tag}: the layer finished before the reset; pick a smaller 'after'")
-        got = len(self.results.actual)
-        errors += self._compare(tag, upto=got)
         await self.reset()
+        # The replies that came before the reset are checked; the rest is void.
+        got = len(self.results.actual) - self.act_done
         self.model.reset()
-        del self.model.expected[got:]
+        del self.model.expected[self.exp_done + got:]
         self.results.reset()
-        self.matched = got
+        expected, actual, more = self._close_step(tag)
+        errors += more
         await Timer(200 * CLOCK_NS, "ns")
-        if len(self.results.actual) != got:
-            errors.append(f"{tag}: {len(self.results.actual) - got} messages after the reset")
+        if len(self.results.actual) != self.act_done:
+            errors.append(f"{tag}: {len(self.results.actual) - self.act_done} messages after "
+                          "the reset")
+            self.act_done = len(self.results.actual)
         if self.dut.busy.value:
             errors.append(f"{tag}: still busy after the reset")
-        del self.results.actual[got:]
-        return {"tag": tag, "expected": [], "actual": [], "errors": errors,
+        return {"tag": tag, "expected": expected, "actual": actual, "errors": errors,
                 "cycles": self.cycles() - t0}
 
 
@@ -162,9 +174,9 @@ async def run(dut):
     # Nothing may come after the last expected reply.
     await Timer(100 * CLOCK_NS, "ns")
     tail = []
-    if len(tb.results.actual) > tb.matched:
-        tail.append(f"{len(tb.results.actual) - tb.matched} unexpected messages at the end: "
-                    + ", ".join(m.name for m in tb.results.actual[tb.matched:][:5]))
+    if len(tb.results.actual) > tb.act_done:
+        tail.append(f"{len(tb.results.actual) - tb.act_done} unexpected messages at the end: "
+                    + ", ".join(m.name for m in tb.results.actual[tb.act_done:][:5]))
     output = {
         "steps": steps,
         "errors": [e for s in steps for e in s["errors"]] + tb.results.errors + tail,
