@@ -10,6 +10,12 @@ def add_arguments(parser):
     parser.add_argument("--model", default="lenet", help="zoo model (default: lenet)")
     parser.add_argument("--images", type=int, default=16,
                         help="test images run through the engine layers (default: 16)")
+    parser.add_argument("--test-images", type=int, default=None,
+                        help="test images for the accuracies (default: the whole test split, "
+                             "1,000)")
+    parser.add_argument("--calib-images", type=int, default=None,
+                        help="calibration images for the skip-configuration search (default: "
+                             "all 500)")
     parser.add_argument("--eps", type=float, default=1.0,
                         help="accuracy budget of the skip configuration, top-1 points "
                              "(default: 1.0)")
@@ -34,6 +40,8 @@ def run(args) -> int:
     if args.images < 1:
         raise SystemExit(f"skipconv demo: --images = {args.images}: must be >= 1")
     return run_demo(DemoOptions(model=args.model, images=args.images, eps=args.eps,
+                                test_images=args.test_images,
+                                calib_images=args.calib_images,
                                 lanes=args.lanes, device=args.device, out=args.out,
                                 method=args.method, progress=not args.no_progress,
                                 plots=not args.no_plots))

@@ -35,8 +35,10 @@ class DemoOptions:
     """The demo's knobs (the command line's options)."""
 
     def __init__(self, *, model="lenet", images=16, eps=1.0, lanes=8, device="auto",
-                 out="out/demo", method="auto", progress=True, plots=True):
+                 out="out/demo", method="auto", progress=True, plots=True, test_images=None,
+                 calib_images=None):
         self.model, self.images, self.eps, self.lanes = model, images, eps, lanes
+        self.test_images, self.calib_images = test_images, calib_images
         self.device, self.out, self.method = device, Path(out), method
         self.progress, self.plots = progress, plots
 
@@ -206,6 +208,8 @@ def run_demo(opts: DemoOptions) -> int:
     model = zoo.get_model(opts.model, progress=opts.progress)
     splits = {name: data.mnist_split(name) for name in ("calib", "test")}
     test = splits["test"]
+    if opts.test_images is not None and opts.test_images < len(test):
+        test = test[np.arange(max(1, opts.test_images))]
 
     _say("[2/6] export to engine layers (calibration: "
          f"{len(splits['calib'])} images)")
@@ -221,7 +225,10 @@ def run_demo(opts: DemoOptions) -> int:
          f"int8 dense {100 * int8_top1:.1f}%")
 
     _say(f"[3/6] skip configuration under eps = {opts.eps}")
-    layers, how = choose_configuration(net, splits, opts.eps, opts.method, config.g,
+    search = dict(splits)
+    if opts.calib_images is not None and opts.calib_images < len(splits["calib"]):
+        search["calib"] = splits["calib"][np.arange(max(1, opts.calib_images))]
+    layers, how = choose_configuration(net, search, opts.eps, opts.method, config.g,
                                        opts.progress)
     _say(f"      {how}")
 
