@@ -42,6 +42,9 @@ def add_arguments(parser):
                         help="how many of the ResNet-18 shapes to run (default: all 8)")
     parser.add_argument("--sim", choices=("verilator", "icarus"), default="verilator")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verilog-from", metavar="DIR", default=None,
+                        help="use DIR/<config key>/skipconv_engine.v instead of generating "
+                             "the Verilog (to benchmark a fixed gateware version)")
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
 
 
@@ -150,7 +153,8 @@ def resnet_workload(count: int, seed: int, g: int):
 
 # -- running on the simulator ------------------------------------------------------------------
 
-def run_on_engine(config, items, *, sim="verilator", progress=True, label=""):
+def run_on_engine(config, items, *, sim="verilator", progress=True, label="",
+                  verilog_from=None):
     """Run ``[(name, layer, x)]`` on the simulated engine (tiled as needed), one simulation.
 
     Returns ``(results, sim_info)``: one assembled :class:`~skipconv.sw.golden.Result` per
@@ -161,7 +165,13 @@ def run_on_engine(config, items, *, sim="verilator", progress=True, label=""):
     from skipconv.sw.driver.tiling import assemble, plan_tiles
 
     say = (lambda s: print(s, file=sys.stderr)) if progress else (lambda s: None)
-    build = runner.build(config, sim, log=say)
+    verilog = None
+    if verilog_from:
+        from pathlib import Path
+        verilog = Path(verilog_from) / config.key / "skipconv_engine.v"
+        if not verilog.exists():
+            raise SystemExit(f"skipconv bench engine: {verilog} does not exist")
+    build = runner.build(config, sim, log=say, verilog=verilog)
     steps, plan = [], []
     for name, layer, x in items:
         tiles = plan_tiles(layer, config)
@@ -200,9 +210,10 @@ def run(args) -> dict:
 
     dense_items = [(n, dense_version(L), x) for n, L, x in items]
     skip_res, skip_sim = run_on_engine(skip_cfg, items, sim=args.sim, progress=progress,
-                                       label="skip engine")
+                                       label="skip engine", verilog_from=args.verilog_from)
     dense_res, dense_sim = run_on_engine(dense_cfg, dense_items, sim=args.sim,
-                                         progress=progress, label="dense engine")
+                                         progress=progress, label="dense engine",
+                                         verilog_from=args.verilog_from)
 
     mismatches = []
     for (name, L, x), r in zip(items, skip_res):
