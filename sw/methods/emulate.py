@@ -42,7 +42,20 @@ def _conv(x, w, stride, pad):
 
 def emulate(layer: Layer, x, g: int = 1, *, validate: bool = True,
             macs: bool = False) -> BatchResult:
-    """Run ``layer`` on a batch ``x`` (N, Cin, H, W) of integers; semantics.md, bit-exact."""
+    """Run ``layer`` on a batch ``x`` (N, Cin, H, W) of integers; semantics.md, bit-exact.
+
+    Runs with one torch thread: on the shared 2-core machine, torch's thread pool spinning
+    against other processes made these small kernels 10-20x slower (measured).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _emulate(layer, x, g, validate, macs)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _emulate(layer, x, g, validate, macs) -> BatchResult:
     if validate:
         layer.validate(g=g)
     L = layer.normalized() if validate else _normalized_fast(layer)
@@ -170,32 +183,32 @@ def _stop_points(L, xt, acc, g, e_stop, fired):
     fired = fired | at_e0
     crossing = ~at_e0 & (acc <= 0)
     if bool(crossing.any()):
-        cols = None
-        n = xt.shape[0]
-        for c in torch.nonzero(crossing.any(dim=0).any(dim=1).any(dim=1)).flatten().tolist():
-            if cols is None:
-                cols = F.unfold(xt, L.k, padding=L.pad, stride=L.stride)   # (N, T, P)
+        n, cout = acc.shape[0], acc.shape[1]
+        # Channel-major flat views: row r of `flat` is position (n, p) with r = n * P + p.
+        cross_cf = crossing.transpose(0, 1).reshape(cout, -1)
+        ps0_cf = ps0.transpose(0, 1).reshape(cout, -1)
+        e_cf = e_stop.transpose(0, 1).reshape(cout, -1).clone()
+        cols = F.unfold(xt, L.k, padding=L.pad, stride=L.stride)               # (N, T, P)
+        flat = cols.transpose(1, 2).reshape(-1, cols.shape[1]).contiguous()    # (N*P, T)
+        wflat = np.asarray(L.w).reshape(L.cout, -1)
+        for c in torch.nonzero(cross_cf.any(dim=1)).flatten().tolist():
             ec = int(e0[c])
             neg_taps = torch.as_tensor(order[c, ec:])
             checks = np.arange(g * (ec // g + 1), t, g, dtype=np.int64)
-            checks = np.append(checks[checks > ec], t)
-            rows = torch.as_tensor(checks - ec - 1)
-            wneg = torch.as_tensor(np.asarray(L.w).reshape(L.cout, -1)[c, order[c, ec:]],
-                                   dtype=torch.float64)
-            cross_c = crossing[:, c].reshape(n, -1)                      # (N, P)
-            idx = torch.nonzero(cross_c)                                  # (k, 2)
-            ps0_c = ps0[:, c].reshape(n, -1)
-            e_c = e_stop[:, c].reshape(n, -1).clone()
+            checks = torch.as_tensor(np.append(checks[checks > ec], t))
+            rows = checks - ec - 1
+            wneg = torch.as_tensor(wflat[c, order[c, ec:]], dtype=torch.float64)
+            sel = torch.nonzero(cross_cf[c]).flatten()
             block = max(1, _BLOCK // max(1, len(neg_taps)))
-            for s in range(0, idx.shape[0], block):
-                ii = idx[s:s + block]
-                terms = cols[ii[:, 0]][:, neg_taps, :]                   # (k, nneg, P)
-                terms = terms[torch.arange(ii.shape[0]), :, ii[:, 1]]     # (k, nneg)
-                run = torch.cumsum(terms * wneg, dim=1)[:, rows] + ps0_c[ii[:, 0], ii[:, 1], None]
+            for s in range(0, sel.shape[0], block):
+                rs = sel[s:s + block]
+                terms = flat.index_select(0, rs).index_select(1, neg_taps)       # (k, nneg)
+                run = torch.cumsum(terms * wneg, dim=1).index_select(1, rows)
+                run += ps0_cf[c].index_select(0, rs)[:, None]
                 first = torch.argmax((run <= 0).to(torch.uint8), dim=1)
-                e_c[ii[:, 0], ii[:, 1]] = torch.as_tensor(checks)[first]
-            e_stop[:, c] = e_c.view_as(e_stop[:, c])
-            fired[:, c] |= crossing[:, c]
+                e_cf[c].index_copy_(0, rs, checks.index_select(0, first))
+        e_stop = e_cf.view(cout, n, *acc.shape[2:]).transpose(0, 1)
+        fired = fired | crossing
     if L.et == "predictive":
         spec = np.asarray(L.spec, np.int64)
         ps1 = _psum_at(L, xt, rank, spec)

@@ -1,0 +1,79 @@
+"""``skipconv bench methods``: MAC reduction at <= 1 point top-1 drop, per method and joint.
+
+For each model, each method's search runs on the calibration images within ``--eps`` points
+and the result is measured by golden execution on the test images: ``mac_reduction_at_eps1``
+(1 - performed / dense MACs over the engine layers) and the top-1 accuracy. The joint
+configuration is compared with the best single method (goal: >= 0.60 and >= 1.5x).
+VELCRO also runs on its specialized task (classes 0, 6, 8, 9), as in the paper.
+Run folders (layer packages, summaries, statistics) go to ``--out`` for ``skipconv report``.
+"""
+
+from __future__ import annotations
+
+HELP = "method searches on the zoo: MAC reduction at <= 1 point top-1 drop (golden, test split)"
+
+SINGLE = ("snapea", "zero_pred", "velcro", "perforation")
+
+
+def add_arguments(parser):
+    parser.add_argument("--models", default="lenet",
+                        help="comma-separated zoo models (default lenet; all: "
+                             "lenet,vgg_small,resnet_small)")
+    parser.add_argument("--eps", type=float, default=1.0, help="top-1 budget in points")
+    parser.add_argument("--out", default=None,
+                        help="folder for the runs (default: the cache, methods/bench)")
+    parser.add_argument("--workers", type=int, default=None, help="local worker processes")
+    parser.add_argument("--calib", type=int, default=None, help="first N calibration images")
+    parser.add_argument("--test", type=int, default=None, help="first N test images")
+    parser.add_argument("--methods", default=",".join(SINGLE + ("joint",)),
+                        help="comma-separated methods to run")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> dict:
+    from pathlib import Path
+
+    from .methods.executor import default_executor
+    from .methods.run import SPECIALIZED, load_network, optimize_model
+    from .paths import cache_dir
+
+    out = Path(args.out) if args.out else cache_dir("methods", "bench")
+    eps = args.eps / 100.0
+    methods = [m for m in args.methods.split(",") if m]
+    figures = {"eps_points": args.eps}
+    with default_executor(args.workers) as ex:
+        for model in [m for m in args.models.split(",") if m]:
+            loaded = load_network(model, progress=not args.quiet)
+            res = {}
+            for method in methods:
+                s = optimize_model(model, method, eps, out / model / method, executor=ex,
+                                   calib_n=args.calib, test_n=args.test, loaded=loaded,
+                                   progress=not args.quiet)
+                t = s["test"]
+                res[method] = {"mac_reduction_at_eps1": round(t["mac_reduction"], 4),
+                               "acc": round(t["acc"], 4), "acc_dense": round(t["acc_dense"], 4),
+                               "drop_points": round(100 * t["drop"], 2),
+                               "within_eps": t["within_eps"], "seconds": s["seconds"]}
+            if "velcro" in methods:
+                s = optimize_model(model, "velcro", 0.0, out / model / "velcro_specialized",
+                                   executor=ex, calib_n=args.calib, test_n=args.test,
+                                   classes=SPECIALIZED, loaded=loaded, progress=not args.quiet)
+                t = s["test"]
+                res["velcro_specialized"] = {
+                    "classes": list(SPECIALIZED), "eps_points": 0.0,
+                    "mac_reduction": round(t["mac_reduction"], 4),
+                    "C_formula": round(s["info"]["C_formula"], 4), "acc": round(t["acc"], 4),
+                    "acc_dense": round(t["acc_dense"], 4), "within_eps": t["within_eps"]}
+            singles = [res[m]["mac_reduction_at_eps1"] for m in SINGLE
+                       if m in res and res[m]["within_eps"]]
+            if "joint" in res and singles:
+                best = max(singles)
+                res["joint_over_best_single"] = round(
+                    res["joint"]["mac_reduction_at_eps1"] / best, 3) if best > 0 else None
+                res["goal_met"] = bool(res["joint"]["within_eps"]
+                                       and res["joint"]["mac_reduction_at_eps1"] >= 0.60
+                                       and best > 0
+                                       and res["joint"]["mac_reduction_at_eps1"] >= 1.5 * best)
+            figures[model] = res
+    figures["out"] = str(out)
+    return figures

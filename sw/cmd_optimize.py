@@ -1,0 +1,72 @@
+"""``skipconv optimize MODEL --method M --eps E -o DIR``: configure a zoo model's skip methods."""
+
+from __future__ import annotations
+
+HELP = "search a skip-method configuration for a zoo model within an accuracy budget"
+
+_METHODS = ("zero_pred", "snapea", "velcro", "perforation", "joint")
+
+
+def _classes(text):
+    import argparse
+    try:
+        out = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--classes {text!r}: expected digits like 0,6,8,9")
+    if not out or any(not 0 <= c <= 9 for c in out):
+        raise argparse.ArgumentTypeError(f"--classes {text!r}: expected digits 0..9")
+    return out
+
+
+def add_arguments(parser):
+    parser.add_argument("model", help="zoo model: lenet, vgg_small or resnet_small")
+    parser.add_argument("--method", required=True, choices=_METHODS,
+                        help="which method's search to run (joint combines all four)")
+    parser.add_argument("--eps", type=float, default=1.0,
+                        help="allowed top-1 drop in points (default 1.0 = one point)")
+    parser.add_argument("-o", "--out", required=True, metavar="DIR",
+                        help="output folder: layers/*.npz, summary.json, stats.npz")
+    parser.add_argument("--g", type=int, default=1, help="engine MACs per PE per cycle")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="local worker processes for candidate evaluations (default 2; "
+                             "1 = in this process)")
+    parser.add_argument("--calib", type=int, default=None, help="use the first N calibration images")
+    parser.add_argument("--test", type=int, default=None, help="use the first N test images")
+    parser.add_argument("--classes", type=_classes, default=None,
+                        help="VELCRO specialized task, e.g. 0,6,8,9 (default: all classes)")
+    parser.add_argument("--mode", default="uniform_layer",
+                        choices=("uniform_layer", "uniform_filter", "uniform_patch",
+                                 "max_granularity"), help="zero_pred optimizer mode")
+    parser.add_argument("--p", type=int, default=2, help="zero_pred window size (2..8)")
+    parser.add_argument("--ones-range", default=None, metavar="LO,HI",
+                        help="zero_pred: number of leaders per window, e.g. 1,2")
+    parser.add_argument("--gt", type=int, default=2, help="zero_pred granularity (windows per cluster side)")
+    parser.add_argument("--mask", default="impact", choices=("uniform", "grid", "pooling", "impact"),
+                        help="perforation mask type")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    import json
+    import sys
+
+    from .methods.executor import default_executor
+    from .methods.run import optimize_model
+
+    if not 0 <= args.eps < 100:
+        print(f"skipconv optimize: --eps {args.eps}: must be in 0..100 points", file=sys.stderr)
+        return 2
+    options = {"mode": args.mode, "p": args.p, "gt": args.gt, "mask": args.mask}
+    if args.ones_range:
+        lo, hi = (int(v) for v in args.ones_range.split(","))
+        options["ones_range"] = (lo, hi)
+    with default_executor(args.workers) as ex:
+        s = optimize_model(args.model, args.method, args.eps / 100.0, args.out, g=args.g,
+                           executor=ex, calib_n=args.calib, test_n=args.test,
+                           classes=args.classes, progress=not args.quiet, options=options)
+    t = s["test"]
+    print(json.dumps({"model": s["model"], "method": s["method"], "eps_points": args.eps,
+                      "acc_dense": t["acc_dense"], "acc": t["acc"],
+                      "drop_points": 100 * t["drop"], "mac_reduction": t["mac_reduction"],
+                      "within_eps": t["within_eps"], "out": str(args.out)}, indent=2))
+    return 0 if t["within_eps"] else 1

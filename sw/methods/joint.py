@@ -1,0 +1,175 @@
+"""One configuration that combines the four methods under one accuracy budget.
+
+Each engine layer has four ladders of options, least aggressive first:
+
+* ``et``: SnaPEA rungs (exact for unsigned inputs, then predictive at growing per-kernel
+  tolerances; :func:`skipconv.sw.methods.snapea.layer_rungs`);
+* ``zp``: no prediction, then diagonal zero prediction with ``p = 2, 3, 4``;
+* ``velcro``: VELCRO thresholds ``T = 0.05, 0.10, ...`` from the dense network's mean and
+  variance tensors on the calibration images;
+* ``perf``: perforation rates ``0.1 .. 0.8`` with impact masks (nested: a higher rate
+  perforates a superset).
+
+A layer never holds zero prediction and perforation together (semantics.md). The search is
+greedy: every round evaluates each single move (one ladder of one layer one or two rungs up)
+and takes the one with the most saved MACs per NLL increase among those that keep the top-1
+drop on the search images within ``eps * margin``; it stops when no move does. The result is
+then checked by golden execution on held-out images (:func:`check`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..layer import Layer
+from . import perforation, snapea, velcro, zero_pred
+from .common import NetEval, golden_eval, validate_plan
+from .executor import Executor, SerialExecutor
+
+__all__ = ["Ladders", "build_ladders", "compose", "optimize", "check", "JointResult"]
+
+ZP_WINDOWS = (2, 3, 4)
+VELCRO_STEPS = tuple(round(0.05 * k, 2) for k in range(1, 19))
+
+
+@dataclass
+class Ladders:
+    """Per layer, the options of each method (index 0 = off / the free floor)."""
+
+    et: list        # [layer] list of Layer (ET fields used) or None (off)
+    zp: list        # [layer] list of p (0 = off)
+    velcro: list    # [layer] list of T
+    perf: list      # [layer] list of (Ho, Wo) masks (index 0: nothing perforated)
+    bv: list        # [layer] (B, V)
+
+    def size(self, method, i) -> int:
+        return len(getattr(self, method)[i])
+
+
+METHODS = ("et", "zp", "velcro", "perf")
+
+
+def build_ladders(ev: NetEval, *, model=None, first_layer_velcro: bool = False,
+                  zp_windows=ZP_WINDOWS, velcro_steps=VELCRO_STEPS,
+                  perf_rates=perforation.RATES, tolerances=snapea.TOLERANCES) -> Ladders:
+    """Profile the dense network on ``ev`` once and list every layer's options."""
+    _, ins, _ = ev.run({}, capture=True)
+    bv = velcro.variance_tensors(ev)
+    G = (perforation.impacts(model, ev.layers, ev.x, ev.y) if model is not None else None)
+    et, zp, vl, pf = [], [], [], []
+    for i, L in enumerate(ev.layers):
+        prof = snapea.profile_layer(L, ins[i], ev.g)
+        rungs = [r for _, r in snapea.layer_rungs(L, prof, tolerances)]
+        et.append(([] if not L.act_signed else [None]) + rungs)
+        ho, wo = L.out_hw
+        zp.append([0] + [p for p in zp_windows if p <= max(ho, wo)])
+        vl.append([0.0] + (list(velcro_steps) if (i > 0 or first_layer_velcro) else []))
+        masks = [np.zeros((ho, wo), bool)]
+        for r in perf_rates:
+            m = (perforation.impact_mask(G[i], r) if G is not None
+                 else perforation.grid_mask(ho, wo, r))
+            if m.any() and not m.all():
+                masks.append(m)
+        pf.append(masks)
+    return Ladders(et=et, zp=zp, velcro=vl, perf=pf, bv=bv)
+
+
+def compose(layer: Layer, lad: Ladders, i: int, state: dict) -> Layer:
+    """The layer ``i`` configured by ``state`` = ``{method: rung index}``."""
+    L = layer
+    if state.get("perf", 0):
+        L = perforation.apply(L, lad.perf[i][state["perf"]])
+    if state.get("velcro", 0):
+        B, V = lad.bv[i]
+        L = velcro.apply(L, B, V, lad.velcro[i][state["velcro"]])
+    if state.get("zp", 0):
+        L = zero_pred.diagonal(L, lad.zp[i][state["zp"]])
+    et = lad.et[i][state.get("et", 0)] if lad.et[i] else None
+    if et is not None:
+        L = dataclasses.replace(L, et=et.et, order=et.order, neg_start=et.neg_start,
+                                spec=et.spec, th=et.th)
+    return L
+
+
+def _plan(ev, lad, states) -> dict:
+    plan = {}
+    for i, st in states.items():
+        if any(st.values()) or (lad.et[i] and lad.et[i][0] is not None):
+            plan[i] = compose(ev.layers[i], lad, i, st)
+    return plan
+
+
+def _joint_task(ctx, states):
+    ev, lad = ctx
+    r = ev.run(_plan(ev, lad, states))
+    return r.acc, r.nll, r.saved
+
+
+@dataclass
+class JointResult:
+    plan: dict
+    states: dict
+    history: list = field(default_factory=list)   # (move, acc, nll, saved) per accepted step
+
+
+def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.5,
+             executor: Executor | None = None, ladders: Ladders | None = None,
+             max_jump: int = 2, max_rounds: int = 200, methods=METHODS,
+             progress: bool = True) -> JointResult:
+    """Greedy joint configuration within ``eps * margin`` top-1 drop on ``ev``'s images."""
+    from tqdm import tqdm
+
+    executor = executor or SerialExecutor()
+    model = model if model is not None else getattr(ev.net, "model", None)
+    lad = ladders or build_ladders(ev, model=model)
+    base = ev.base
+    budget = eps * margin
+    states = {i: {m: 0 for m in METHODS} for i in range(len(ev.layers))}
+    acc, nll, saved = _joint_task((ev, lad), states)
+    history = [("floor", acc, nll, saved)]
+    ctx = (ev, lad)
+    bar = tqdm(total=max_rounds, desc="joint", disable=not progress, leave=False)
+    for _ in range(max_rounds):
+        moves = []
+        for i, st in states.items():
+            for m in methods:
+                if m == "zp" and st["perf"] or m == "perf" and st["zp"]:
+                    continue
+                for j in range(1, max_jump + 1):
+                    if st[m] + j < lad.size(m, i):
+                        new = {k: dict(v) for k, v in states.items()}
+                        new[i][m] = st[m] + j
+                        moves.append(((i, m, st[m] + j), new))
+        if not moves:
+            break
+        res = executor.map(_joint_task, ctx, [s for _, s in moves])
+        best = None
+        for (move, new), (a, n, s) in zip(moves, res):
+            if base.acc - a > budget + 1e-12 or s <= saved:
+                continue
+            score = (s - saved) / max(n - nll, 1e-4)
+            if best is None or score > best[0]:
+                best = (score, move, new, a, n, s)
+        if best is None:
+            break
+        _, move, states, acc, nll, saved = best
+        history.append((move, acc, nll, saved))
+        bar.update(1)
+        bar.set_postfix(red=f"{saved / max(base.total['dense'], 1):.3f}", acc=f"{acc:.3f}")
+    bar.close()
+    plan = _plan(ev, lad, states)
+    validate_plan(plan, ev.layers, ev.g)
+    return JointResult(plan=plan, states=states, history=history)
+
+
+def check(net, plan: dict, x, y, eps: float, g: int = 1, *, progress: bool = True) -> dict:
+    """Golden execution of the dense network and of ``plan`` on ``(x, y)``; the eps verdict."""
+    dense = golden_eval(net, {}, x, y, g, progress=progress, desc="golden dense")
+    conf = golden_eval(net, plan, x, y, g, progress=progress, desc="golden plan")
+    drop = dense.acc - conf.acc
+    return {"acc_dense": dense.acc, "acc": conf.acc, "drop": drop,
+            "mac_reduction": conf.mac_reduction, "within_eps": bool(drop <= eps + 1e-12),
+            "dense": dense, "configured": conf}

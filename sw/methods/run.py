@@ -1,0 +1,198 @@
+"""End to end: a zoo model, one method, one budget -> layer packages, summary and statistics.
+
+:func:`optimize_model` is what ``skipconv optimize`` and ``skipconv bench methods`` run:
+
+1. the zoo model (trained and cached), exported to engine layers with the calibration images;
+2. the method's search on the calibration images (batch emulation, executor);
+3. golden execution of the dense and of the configured network on the test images (the
+   numbers reported), per layer and per reason;
+4. ``OUT/layers/NN_name.npz`` (one validated layer package per engine layer),
+   ``OUT/summary.json`` and ``OUT/stats.npz`` (what ``skipconv report`` plots).
+
+VELCRO runs on a specialized task when ``classes`` is given (preprocessing on part of the
+task's calibration images, the search on the rest, the report on the task's test images).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..layer import atomic_write_bytes, save
+from . import joint, perforation, snapea, velcro, zero_pred
+from .common import NetEval, golden_eval
+from .executor import Executor, SerialExecutor
+
+__all__ = ["METHODS", "load_network", "optimize_model", "SPECIALIZED"]
+
+METHODS = ("zero_pred", "snapea", "velcro", "perforation", "joint")
+#: VELCRO's default specialized task (the paper uses subsets of cats, dogs, cars).
+SPECIALIZED = (0, 6, 8, 9)
+
+
+def _np(a):
+    return a.numpy() if hasattr(a, "numpy") else np.asarray(a)
+
+
+def load_network(model_name: str, progress: bool = True):
+    """``(float model, ExportedNet, splits)`` for a zoo model."""
+    from .. import data, export, zoo
+
+    model = zoo.get_model(model_name, progress=progress)
+    splits = data.mnist_split()
+    net = export.export(model, splits["calib"].x, spec={"zoo": model_name})
+    return model, net, splits
+
+
+def _subset(split, n):
+    if n is None or n >= len(split):
+        return split
+    return split[np.arange(n)]
+
+
+def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int = 1,
+                   executor: Executor | None = None, calib_n: int | None = None,
+                   test_n: int | None = None, classes=None, progress: bool = True,
+                   options: dict | None = None, loaded=None) -> dict:
+    """Run ``method`` on zoo model ``model_name`` within ``eps`` (top-1 drop, fraction)."""
+    from .. import data
+
+    if method not in METHODS:
+        raise ValueError(f"method = {method!r}: must be one of {', '.join(METHODS)}")
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps = {eps!r}: must be a top-1 drop in [0, 1) (0.01 = one point)")
+    options = dict(options or {})
+    executor = executor or SerialExecutor()
+    out = Path(out_dir)
+    t_start = time.monotonic()
+    model, net, splits = loaded or load_network(model_name, progress)
+    calib = _subset(splits["calib"], calib_n)
+    test = _subset(splits["test"], test_n)
+    if method == "velcro" and classes:
+        calib = data.class_subset(calib, classes)
+        test = data.class_subset(test, classes)
+    ev = NetEval(net, _np(calib.x), _np(calib.y), g)
+    # The searches see only the calibration images: they get a share of the budget so that
+    # selection on a few hundred images does not spend the whole of it (test is checked).
+    margin = float(options.get("margin", 0.5))
+    budget = eps * margin
+    info = {"search_budget": budget}
+    trajectory = []
+
+    if method == "snapea":
+        plan = snapea.optimize(ev, budget, executor=executor, progress=progress)
+    elif method == "zero_pred":
+        mode = options.get("mode", "uniform_layer")
+        p = int(options.get("p", 2))
+        plan = zero_pred.optimize(ev, budget, mode=mode, p=p, ones_range=options.get("ones_range"),
+                                  gt=int(options.get("gt", 2)), executor=executor,
+                                  progress=progress)
+        info.update(mode=mode, p=p)
+        diag = []
+        for pp in (2, 3, 4, 5):
+            dplan = {i: zero_pred.diagonal(L, pp) for i, L in enumerate(ev.layers)}
+            st = zero_pred.prediction_stats(ev, dplan)
+            diag.append(st.as_dict())
+            trajectory.append(("diagonal p=%d" % pp, st.mac_reduction, st.acc))
+        info["diagonal"] = diag
+    elif method == "velcro":
+        n_pre = max(1, len(ev) // 4)
+        ev_pre, ev_val = ev.subset(np.arange(n_pre)), ev.subset(np.arange(n_pre, len(ev)))
+        plan, T = velcro.optimize(ev_pre, ev_val, budget, executor=executor, progress=progress,
+                                  first_layer=bool(options.get("first_layer", False)),
+                                  step=float(options.get("step", 0.05)))
+        info.update(T=list(T), C_formula=velcro.compression_saving_ratio(T, ev.layers),
+                    T_realized=velcro.realized_thresholds(T, ev.layers),
+                    classes=list(classes) if classes else None, preprocessing_images=n_pre)
+    elif method == "perforation":
+        mask = options.get("mask", "impact")
+        plan = perforation.optimize(ev, budget, mask=mask, model=model, executor=executor,
+                                    progress=progress)
+        info.update(mask=mask)
+    else:
+        res = joint.optimize(ev, eps, model=model, executor=executor, progress=progress,
+                             margin=margin)
+        plan = res.plan
+        dense_macs = ev.base.total["dense"]
+        trajectory += [(str(m), s / dense_macs, a) for m, a, _, s in res.history]
+        info.update(states={str(k): v for k, v in res.states.items()})
+
+    search = ev.run(plan)
+    verdict = joint.check(net, plan, _np(test.x), _np(test.y), eps, g, progress=progress)
+    dense_t, conf_t = verdict.pop("dense"), verdict.pop("configured")
+
+    # Layer packages: every engine layer, configured or as exported.
+    layers = [plan.get(i, L) for i, L in enumerate(ev.layers)]
+    for i, L in enumerate(layers):
+        save(out / "layers" / f"{i:02d}_{L.name or 'layer'}.npz", L)
+
+    stats = _statistics(net, ev, plan, test, classes or SPECIALIZED, g)
+    atomic_write_bytes(out / "stats.npz", _npz(stats))
+    summary = {
+        "model": model_name, "method": method, "eps": eps, "g": g,
+        "calib_images": len(ev), "test_images": len(test.y),
+        "search": {"acc_dense": ev.base.acc, "acc": search.acc,
+                   "mac_reduction": search.mac_reduction},
+        "test": {**verdict, "layers_dense": dense_t.layers, "layers": conf_t.layers,
+                 "positions": conf_t.positions},
+        "layer_names": [L.name for L in layers],
+        "features": [sorted(L.features) for L in layers],
+        "trajectory": trajectory, "info": info, "options": options,
+        "seconds": round(time.monotonic() - t_start, 1),
+    }
+    atomic_write_bytes(out / "summary.json",
+                       json.dumps(summary, indent=2, default=_json_default).encode())
+    return summary
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _npz(arrays: dict) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def _statistics(net, ev, plan, test, classes, g) -> dict:
+    """What the report plots: spatial correlation, variance tensors, ofmaps of one image."""
+    from .. import data
+
+    stats = {}
+    _, _, outs = ev.run({}, capture=True)
+    stats["spatial_correlation"] = zero_pred.spatial_correlation(outs)
+    calib = data.mnist_split("calib")
+    ev_all = NetEval(net, _np(calib.x), _np(calib.y), g)
+    spec = data.class_subset(calib, classes)
+    ev_spec = NetEval(net, _np(spec.x), _np(spec.y), g)
+    for name, e in (("all", ev_all), ("specialized", ev_spec)):
+        for k, (_, V) in enumerate(velcro.variance_tensors(e)):
+            stats[f"var_{name}_{k}"] = V.ravel().astype(np.float32)
+    stats["specialized_classes"] = np.asarray(sorted(classes))
+    img = _np(test.x)[:1]
+    lbl = _np(test.y)[:1]
+    one = NetEval(net, img, lbl, g)
+    _, _, dense = one.run({}, capture=True)
+    _, _, conf = one.run(plan, capture=True)
+    for k, (d, c) in enumerate(zip(dense, conf)):
+        stats[f"ofmap_dense_{k}"] = d[0]
+        stats[f"ofmap_conf_{k}"] = c[0]
+    stats["image"] = img[0]
+    return stats
+
+
+def golden_summary(net, plan, x, y, g=1) -> dict:
+    """Golden accuracy and MAC reduction of ``plan`` on ``(x, y)`` (for the bench)."""
+    r = golden_eval(net, plan, x, y, g)
+    return {"acc": r.acc, "mac_reduction": r.mac_reduction}
