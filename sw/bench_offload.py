@@ -31,11 +31,11 @@ def add_arguments(parser):
 
 def run(args) -> dict:
     from . import data, export, zoo
-    from .config import EngineConfig
+    from .driver.demo import demo_config
     from .driver.device import GoldenDevice, open_device
     from .driver.offload import offload
 
-    config = EngineConfig(lanes=args.lanes)
+    config = demo_config(args.lanes)          # the demo's engine (its build is shared)
     net = export.export(zoo.get_model("lenet", progress=False), data.mnist_split("calib").x)
     test = data.mnist_split("test")
     n_layers = len(net.layers)

@@ -30,6 +30,18 @@ __all__ = ["DemoOptions", "run_demo", "format_table"]
 
 REASONS = ("early_term", "zero_pred", "velcro", "perforation")
 
+#: The demo engine's buffers: the example network's layers fit ``max_taps``/``max_k``/``max_p``;
+#: the ofmap buffer is deliberately smaller than conv1's 8x28x28 output, so the demo also runs
+#: a layer tiled into row bands on the engine.
+DEMO_BUFFERS = dict(max_taps=256, max_ifmap=2048, max_cout=32, max_ofmap=2048, max_k=5,
+                    max_p=4)
+
+
+def demo_config(lanes: int = 8):
+    """The engine the demo generates and simulates (all four mechanisms, trace on)."""
+    from ..config import EngineConfig
+    return EngineConfig(lanes=lanes, **DEMO_BUFFERS)
+
 
 class DemoOptions:
     """The demo's knobs (the command line's options)."""
@@ -197,8 +209,6 @@ def run_demo(opts: DemoOptions) -> int:
     import torch
 
     from .. import data, export, zoo
-    from ..config import EngineConfig
-
     t_start = time.monotonic()
     out = opts.out
     _say(f"skipconv demo: {opts.model} on MNIST, eps = {opts.eps} point(s), engine lanes = "
@@ -214,7 +224,7 @@ def run_demo(opts: DemoOptions) -> int:
     _say("[2/6] export to engine layers (calibration: "
          f"{len(splits['calib'])} images)")
     net = export.export(model, splits["calib"].x, spec={"zoo": opts.model})
-    config = EngineConfig(lanes=opts.lanes)
+    config = demo_config(opts.lanes)
     float_top1 = net.evaluate(test, export.dense_conv)["float_top1"]
     dense_logits = net.forward_int(test.x, export.dense_conv)
     int8_top1 = float((dense_logits.argmax(1) == test.y).float().mean())
