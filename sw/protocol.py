@@ -32,7 +32,7 @@ from .config import EngineConfig
 from .layer import COMPUTE, CONST, COPY, ET_MODES, Layer, LayerError
 
 __all__ = [
-    "MAGIC", "Op", "Res", "ErrorCode", "FEATURE_BITS", "TRACE_FEATURE_BIT",
+    "MAGIC", "Op", "Res", "ErrorCode", "FEATURE_BITS", "TRACE_FEATURE_BIT", "PLAN_FEATURE_BITS",
     "COUNTER_NAMES", "POSITION_NAMES",
     "ProtocolError", "EngineError", "UndefinedBehavior",
     "Message", "header", "message", "encode_layer", "encode_plan", "encode_ifmap",
@@ -77,6 +77,8 @@ class ErrorCode(enum.IntEnum):
 FEATURE_BITS = {"early_term": 1, "zero_pred": 2, "velcro": 4, "perforation": 8}
 #: Detail of a ``FEATURE`` error for ``RUN`` with the trace bit on an engine built without it.
 TRACE_FEATURE_BIT = 16
+#: Detail of a ``FEATURE`` error for a plan on an engine with no planned mechanism.
+PLAN_FEATURE_BITS = FEATURE_BITS["zero_pred"] | FEATURE_BITS["velcro"] | FEATURE_BITS["perforation"]
 
 #: The u64 counters of ``COUNTERS``, in stream order (after ``cycles``).
 COUNTER_NAMES = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
@@ -87,7 +89,6 @@ COUNTERS_WORDS = 2 + 2 * len(COUNTER_NAMES) + len(POSITION_NAMES)
 LAYER_HEADER_WORDS = 5
 CHANNEL_WORDS = 5
 MAX_SHIFT = 47
-MAX_OUT_BITS = 16
 CONST_BITS = 24
 _ET_CODES = {name: i for i, name in enumerate(ET_MODES)}
 
@@ -624,12 +625,7 @@ class GoldenResponder:
             return out
         try:
             done = False
-            for j, w in enumerate(words):
-                if (last and j == len(words) - 1 and self._idx >= 2
-                        and self._idx < 2 + self._n - 1):
-                    # tlast ends the message before its last body word: found before this
-                    # word's own checks.
-                    raise _Fault(ErrorCode.BAD_LENGTH, self._n)
+            for w in words:
                 self._word(int(w) & WORD_MASK, out)
                 self._idx += 1
                 if self._n is not None and self._idx == 2 + self._n:
@@ -678,13 +674,15 @@ class GoldenResponder:
 
     def _header0(self, w):
         cfg = self.config
-        if w & 0xFF != MAGIC or w >> 16:
+        if w & 0xFF != MAGIC:
             raise _Fault(ErrorCode.BAD_MAGIC, w)
         opcode = (w >> 8) & 0xFF
         try:
             self._op = Op(opcode)
         except ValueError:
             raise _Fault(ErrorCode.BAD_OPCODE, opcode) from None
+        if self._op == Op.LOAD_PLAN and not _plan_features(cfg):
+            raise _Fault(ErrorCode.FEATURE, PLAN_FEATURE_BITS)
         if self._op in (Op.LOAD_PLAN, Op.LOAD_IFMAP) and self.layer_regs is None:
             raise _Fault(ErrorCode.NOT_READY, opcode)
         if self._op == Op.RUN:
@@ -695,10 +693,6 @@ class GoldenResponder:
 
     def _header1(self, n):
         regs = self.layer_regs
-        if self._op == Op.LOAD_LAYER and n < LAYER_HEADER_WORDS:
-            raise _Fault(ErrorCode.BAD_LENGTH, n)
-        if self._op == Op.LOAD_PLAN and n < 1:
-            raise _Fault(ErrorCode.BAD_LENGTH, n)
         if self._op == Op.RUN:
             if n != 1:
                 raise _Fault(ErrorCode.BAD_LENGTH, n)
@@ -729,10 +723,8 @@ class GoldenResponder:
                 raise _Fault(BV, r.h)
             if r.w == 0:
                 raise _Fault(BV, r.w)
-            if r.h > cfg.max_ifmap:
-                raise _Fault(LIM, r.h)
-            if r.w > cfg.max_ifmap:
-                raise _Fault(LIM, r.w)
+            if r.cin * r.h * r.w > cfg.max_ifmap:
+                raise _Fault(LIM, r.cin * r.h * r.w)
         elif j == 2:
             r.k, r.stride, r.pad, r.p = w & 0xFF, (w >> 8) & 0xFF, (w >> 16) & 0xFF, w >> 24
             if r.k == 0:
@@ -749,6 +741,14 @@ class GoldenResponder:
                 raise _Fault(FEAT, FEATURE_BITS["zero_pred"])
             if r.p > cfg.max_p:
                 raise _Fault(LIM, r.p)
+            if r.h + 2 * r.pad < r.k:
+                raise _Fault(BV, r.h)
+            if r.w + 2 * r.pad < r.k:
+                raise _Fault(BV, r.w)
+            r.ho = (r.h + 2 * r.pad - r.k) // r.stride + 1
+            r.wo = (r.w + 2 * r.pad - r.k) // r.stride + 1
+            if r.npos > cfg.max_ofmap:
+                raise _Fault(LIM, r.npos)
         elif j == 3:
             r.act_signed, r.raw = bool(w & 1), bool(w & 2)
             r.et, r.has_plan, r.out_bits = (w >> 2) & 3, bool(w & 16), (w >> 8) & 0xFF
@@ -756,22 +756,18 @@ class GoldenResponder:
                 raise _Fault(BV, r.et)
             if r.et and not cfg.has("early_term"):
                 raise _Fault(FEAT, FEATURE_BITS["early_term"])
-            if r.out_bits == 0 or r.out_bits > MAX_OUT_BITS:
+            if r.has_plan and not _plan_features(cfg):
+                raise _Fault(FEAT, PLAN_FEATURE_BITS)
+            if r.out_bits == 0:
                 raise _Fault(BV, r.out_bits)
+            if r.out_bits > cfg.out_bits:
+                raise _Fault(LIM, r.out_bits)
         elif j == 4:
             r.t = w
             if r.t != r.cin * r.k * r.k:
                 raise _Fault(BV, r.t)
             if r.t > cfg.max_taps:
                 raise _Fault(LIM, r.t)
-            if r.cin * r.h * r.w > cfg.max_ifmap:
-                raise _Fault(LIM, r.cin * r.h * r.w)
-            if r.h + 2 * r.pad < r.k or r.w + 2 * r.pad < r.k:
-                raise _Fault(BV, r.k)
-            r.ho = (r.h + 2 * r.pad - r.k) // r.stride + 1
-            r.wo = (r.w + 2 * r.pad - r.k) // r.stride + 1
-            if r.npos > cfg.max_ofmap:
-                raise _Fault(LIM, r.npos)
             if self._n != LAYER_HEADER_WORDS + CHANNEL_WORDS * r.cout + r.cout * r.t:
                 raise _Fault(ErrorCode.BAD_LENGTH, self._n)
             self._length_checked = True
@@ -797,17 +793,17 @@ class GoldenResponder:
             else:
                 r.chan[c].append(_sx(w, 32))
         else:
-            idx, field = w >> 16, w & 0xFFFF
+            idx = w >> 16
             if idx >= r.t:
                 raise _Fault(BV, idx)
-            if _sx(field, 16) != _sx(field, cfg.weight_bits):
-                raise _Fault(BV, field)        # not a sign-extended weight_bits value
-            r.weights.append((_sx(field, cfg.weight_bits), idx))
+            r.weights.append((_sx(w, cfg.weight_bits), idx))
 
     def _plan_word(self, j, w):
         cfg, r = self.config, self.layer_regs
         if j == 0:
             has_nn = bool(w & 1)
+            if has_nn and not cfg.has("perforation"):
+                raise _Fault(ErrorCode.FEATURE, FEATURE_BITS["perforation"])
             if self._n != 1 + r.npos + (r.ho * r.wo if has_nn else 0):
                 raise _Fault(ErrorCode.BAD_LENGTH, self._n)
             self._length_checked = True
@@ -820,13 +816,15 @@ class GoldenResponder:
                 raise _Fault(ErrorCode.FEATURE, FEATURE_BITS["velcro"])
             if kind == COPY and not cfg.has("perforation"):
                 raise _Fault(ErrorCode.FEATURE, FEATURE_BITS["perforation"])
+            if kind == COPY and not self._new["has_nn"]:
+                raise _Fault(ErrorCode.BAD_VALUE, kind)
+            if kind == CONST and not r.raw and const > (1 << r.out_bits) - 1:
+                raise _Fault(ErrorCode.BAD_VALUE, const)
             self._new["pos"].append(w)
         else:
             nx, ny = w & 0xFFFF, w >> 16
-            if nx >= r.wo:
-                raise _Fault(ErrorCode.BAD_VALUE, nx)
-            if ny >= r.ho:
-                raise _Fault(ErrorCode.BAD_VALUE, ny)
+            if ny >= r.ho or nx >= r.wo:
+                raise _Fault(ErrorCode.BAD_VALUE, w)
             self._new["nn"].append((ny, nx))
 
     def _ifmap_word(self, j, w):
@@ -850,7 +848,7 @@ class GoldenResponder:
             if self._new["has_nn"]:
                 nn = np.asarray(self._new["nn"], np.int64).reshape(r.ho, r.wo, 2)
             else:
-                nn = None
+                nn = np.zeros((r.ho, r.wo, 2), np.int64)
             self.plan = (pos & 3, (pos >> 2 & 1).astype(bool), pos >> 8, nn)
             out.append(Message(Res.OK, ()))
         elif op == Op.LOAD_IFMAP:
@@ -888,11 +886,7 @@ class GoldenResponder:
         shape = (r.cout, r.ho, r.wo)
         if r.has_plan:
             kind, leader, const, nn = self.plan
-            if nn is None and (kind == COPY).any():
-                raise UndefinedBehavior("RUN with COPY positions but no NN table in the plan: "
-                                        "the engine would use whatever its NN memory holds")
-            layer.kind, layer.const = kind, np.where(kind == CONST, const, 0)
-            layer.nn = nn if nn is not None else np.zeros((r.ho, r.wo, 2), np.int64)
+            layer.kind, layer.const, layer.nn = kind, np.where(kind == CONST, const, 0), nn
             layer.leader = leader if r.p else None
         if r.p and layer.leader is None:
             layer.leader = np.zeros(shape, bool)
@@ -900,8 +894,8 @@ class GoldenResponder:
 
     def _run(self) -> list[Message]:
         from . import golden
+        layer = self.loaded_layer()
         try:
-            layer = self.loaded_layer()
             result = golden.run(layer, self.ifmap, g=self.config.g)
         except LayerError as e:
             raise UndefinedBehavior(
@@ -922,6 +916,10 @@ class GoldenResponder:
         body += [int(result.positions.get(name, 0)) for name in POSITION_NAMES]
         msgs.append(Message(Res.COUNTERS, tuple(body)))
         return msgs
+
+
+def _plan_features(config: EngineConfig) -> bool:
+    return any(config.has(f) for f in ("zero_pred", "velcro", "perforation"))
 
 
 def refusal(layer: Layer, config: EngineConfig) -> EngineError | None:

@@ -254,7 +254,7 @@ def test_refusal_predicts_the_engine():
     assert P.refusal(layer, FULL) is None
     planned = small_layer(FULL, rng, features=["velcro"])
     err = P.refusal(planned, PRESETS["dense"])
-    assert err.name == "FEATURE" and err.detail == P.FEATURE_BITS["velcro"]
+    assert err.name == "FEATURE" and err.detail == P.PLAN_FEATURE_BITS
 
 
 def test_encoder_refuses_what_it_cannot_represent():
@@ -266,26 +266,24 @@ def test_encoder_refuses_what_it_cannot_represent():
         P.encode_ifmap(np.zeros((3, 3)), FULL)
 
 
-def test_plans_the_engine_cannot_answer_for_are_undefined():
+def test_copy_without_an_nn_table_is_refused():
     cfg = FULL
     rng = np.random.default_rng(12)
     layer = small_layer(cfg, rng, features=["perforation"])
-    x = randlayer.random_input(rng, layer.in_shape)
     words = P.encode_plan(layer, cfg)
     cout, ho, wo = layer.out_shape
-    no_nn = P.message(Op.LOAD_PLAN, [0] + words[3:3 + cout * ho * wo])
+    kinds = words[3:3 + cout * ho * wo]
+    no_nn = P.message(Op.LOAD_PLAN, [0] + kinds)
     r = P.GoldenResponder(cfg)
-    for msg in (P.encode_layer(layer, cfg), no_nn, P.encode_ifmap(x, cfg)):
-        assert r.feed_message(msg) == [P.Message(Res.OK, ())]
-    with pytest.raises(P.UndefinedBehavior, match="NN table"):
-        r.feed_message(P.encode_run())
+    assert r.feed_message(P.encode_layer(layer, cfg)) == [P.Message(Res.OK, ())]
+    assert r.feed_message(no_nn) == [P.Message(Res.ERROR, (int(E.BAD_VALUE), 2))]
 
 
-def test_early_tlast_is_found_before_the_words_own_checks():
+def test_a_words_own_checks_come_before_an_early_tlast():
     cfg = FULL
     layer = small_layer(cfg, np.random.default_rng(13))
     words = P.encode_layer(layer, cfg)
     bad = list(words[:5])
     bad[4] &= ~0xFF                                     # K = 0 on the word that ends early
     assert P.GoldenResponder(cfg).feed_message(bad) == [
-        P.Message(Res.ERROR, (int(E.BAD_LENGTH), words[1]))]
+        P.Message(Res.ERROR, (int(E.BAD_VALUE), 0))]

@@ -117,7 +117,6 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
     one("magic 0x5C on RUN", E.BAD_MAGIC, _replace(run, 0, (run[0] & ~0xFF) | 0x5C))
     one("garbage word", E.BAD_MAGIC, [0xDEADBEEF])
     one("a result header sent as a command", E.BAD_MAGIC, [0x0000_80C6, 0])
-    one("reserved header bits set", E.BAD_MAGIC, _replace(lay, 0, lay[0] | 0x0001_0000))
     # -- BAD_OPCODE --------------------------------------------------------------------------
     for opc in (0x00, 0x05, 0x80, 0xFF):
         one(f"opcode 0x{opc:02X}", E.BAD_OPCODE, [P.MAGIC | opc << 8, 1, 0])
@@ -159,6 +158,8 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
         one("Cin*H*W > max_ifmap", E.LIMIT, layer_field(1, 0, 16, h_big))
     if cfg.max_k < 255:
         one("K > max_k", E.LIMIT, layer_field(2, 0, 8, cfg.max_k + 1))
+    if cfg.out_bits < 255:
+        one("out_bits > config", E.LIMIT, layer_field(3, 8, 8, cfg.out_bits + 1))
     if cfg.has("zero_pred") and cfg.max_p < 8:
         one("p > max_p", E.LIMIT, layer_field(2, 24, 8, cfg.max_p + 1))
     # Cout*Ho*Wo beyond max_ofmap with a small ifmap: a large pad keeps Cin*H*W small.
@@ -177,8 +178,17 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
         one("et predictive without early_term", E.FEATURE, layer_field(3, 2, 2, 2))
     if not cfg.has("zero_pred"):
         one("p = 2 without zero_pred", E.FEATURE, layer_field(2, 24, 8, 2))
+    planned = bool(plan_features(cfg))
+    if not planned:
+        one("has_plan without planned mechanisms", E.FEATURE, layer_field(3, 4, 1, 1))
+        case("LOAD_PLAN without planned mechanisms", [E.FEATURE], (lay, True),
+             (_msg(Op.LOAD_PLAN, [0] * (1 + L.cout * L.out_hw[0] * L.out_hw[1])), True))
+    if plan is not None and not cfg.has("perforation"):
+        ho, wo = L.out_hw
+        case("has_nn without perforation", [E.FEATURE], (lay, True),
+             (_msg(Op.LOAD_PLAN, [1] + list(plan[3:]) + [0] * (ho * wo)), True))
     for feature, kind_code in (("velcro", CONST), ("perforation", COPY)):
-        if not cfg.has(feature):
+        if planned and not cfg.has(feature):
             Lf = small_layer(cfg, rng, features=[feature], name=feature)
             if Lf.kind is not None and (np.asarray(Lf.kind) == kind_code).any():
                 case(f"{feature} plan on an engine without it", [E.FEATURE],
@@ -201,7 +211,6 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
         _replace(small_h, 4, _set_bits(small_h[4], 16, 8, 0)))
     one("et = 3", E.BAD_VALUE, layer_field(3, 2, 2, 3))
     one("out_bits = 0", E.BAD_VALUE, layer_field(3, 8, 8, 0))
-    one("out_bits = 17", E.BAD_VALUE, layer_field(3, 8, 8, 17))
     one("T != Cin*K*K", E.BAD_VALUE, _replace(lay, 6, L.taps + 1))
     ch = 2 + P.LAYER_HEADER_WORDS          # first per-channel word
     one("M = 0", E.BAD_VALUE, _replace(lay, ch + 1, lay[ch + 1] & ~0xFFFF))
@@ -216,11 +225,15 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
                                                                       L.taps)))
     one("tap index 0xFFFF (last channel)", E.BAD_VALUE,
         _replace(lay, len(lay) - 1, lay[-1] | 0xFFFF0000))
-    if cfg.weight_bits < 16:
-        one("weight not sign-extended", E.BAD_VALUE,
-            _replace(lay, wts + 1, (lay[wts + 1] & 0xFFFF0000) | (1 << cfg.weight_bits)))
     if plan is not None:
         case("plan kind 3", [E.BAD_VALUE], (lay, True), (_replace(plan, 4, 3), True))
+        if cfg.has("velcro"):
+            case("CONST above 2**out_bits - 1", [E.BAD_VALUE], (lay, True),
+                 (_replace(plan, 5, CONST | ((1 << L.out_bits) << 8)), True))
+        if cfg.has("perforation"):
+            no_nn = [0] + plan[3:3 + L.cout * L.out_hw[0] * L.out_hw[1]]
+            case("COPY without an NN table", [E.BAD_VALUE], (lay, True),
+                 (_msg(Op.LOAD_PLAN, _replace(no_nn, 2, COPY)), True))
     if cfg.has("perforation"):
         Lp = small_layer(cfg, rng, features=["perforation"], name="perforated")
         lay_p, plan_p = P.encode_layer(Lp, cfg), P.encode_plan(Lp, cfg)
@@ -241,8 +254,9 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
          (layer_field(0, 0, 16, 0), True), (run, True))
     case("RUN after a refused LOAD_IFMAP", [E.BAD_LENGTH, E.NOT_READY], *setup(), (ifm, True),
          (early(ifm), True), (run, True))
-    case("LOAD_PLAN after a refused LOAD_LAYER", [E.BAD_LENGTH, E.NOT_READY],
-         (lay[:4], True), (_msg(Op.LOAD_PLAN, [0]), True))
+    if planned:       # (a plan-less engine refuses LOAD_PLAN itself first: FEATURE)
+        case("LOAD_PLAN after a refused LOAD_LAYER", [E.BAD_LENGTH, E.NOT_READY],
+             (lay[:4], True), (_msg(Op.LOAD_PLAN, [0]), True))
     # A message with a bad magic is no LOAD_*: what is loaded stays loaded.
     case("RUN after a bad-magic LOAD_LAYER header", [E.BAD_MAGIC], *setup(), (ifm, True),
          ([lay[0] & ~0xFF, 0], True), (run, True))
