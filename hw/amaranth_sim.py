@@ -26,12 +26,18 @@ def expected_replies(msg: list[int]) -> int:
 
 
 def run_messages(config: EngineConfig, messages, *, replies=None, stall=0.0, seed=0,
-                 max_cycles=200_000, engine=None, vcd=None):
+                 max_cycles=200_000, engine=None, vcd=None, chunks=None):
     """Send ``messages`` (lists of words) and return the parsed result messages.
 
     ``replies`` is the number of result messages to wait for (default: as if every command is
     accepted). ``stall`` is the probability of dropping valid/ready on a cycle (backpressure).
+    ``chunks`` (instead of messages): ``[(words, last)]`` sent as beats, ``tlast`` on the final
+    beat of a chunk only when ``last`` (for malformed streams).
     """
+    if chunks is None:
+        chunks = [(msg, True) for msg in messages]
+    else:
+        messages = []
     dut = engine if engine is not None else Engine(config)
     rng = random.Random(seed)
     want = replies if replies is not None else sum(expected_replies(m) for m in messages)
@@ -40,8 +46,9 @@ def run_messages(config: EngineConfig, messages, *, replies=None, stall=0.0, see
     state = {"cycles": 0}
 
     async def sender(ctx):
-        for msg in messages:
+        for msg, msg_last in chunks:
             for data, last in protocol.beats(msg, config):
+                last = last and msg_last
                 while stall and rng.random() < stall:
                     await ctx.tick()
                 ctx.set(dut.s_axis_tdata, data)

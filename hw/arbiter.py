@@ -33,7 +33,8 @@ class RoundRobin(wiring.Component):
         n = self._n
         last = Signal(range(max(2, n)))
         after = Signal(n)
-        m.d.comb += after.eq(Cat(*[(self.req[i] & (i > last)) for i in range(n)]))
+        # bit 0 can never come after the last grant
+        m.d.comb += after.eq(Cat(0, *[(self.req[i] & (i > last)) for i in range(1, n)]))
         pick = Signal(n)
         # lowest set bit of `after`, else of `req`
         src = Signal(n)

@@ -20,6 +20,9 @@ from .divider import Divider
 from .layouts import (kind_layout, layer_layout, param_layout, plan_layout, weight_layout,
                       write_bus)
 from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op
+
+PLAN_FEATURES = (FEATURE_BITS["zero_pred"] | FEATURE_BITS["velcro"]
+                 | FEATURE_BITS["perforation"])
 from .words import word_layout
 
 __all__ = ["Loader"]
@@ -99,6 +102,7 @@ class Loader(wiring.Component):
         m.d.sync += [howo.eq((div_h.quotient + 1) * (div_w.quotient + 1)),
                      n_out.eq(L.cout * howo)]
         sizes_ready = Signal()
+        div_started = Signal()
         with m.If(div_h.done & div_w.done):
             with m.If(settle != 3):
                 m.d.sync += settle.eq(settle + 1)
@@ -177,7 +181,11 @@ class Loader(wiring.Component):
         m.d.sync += [self.run_start.eq(0)]
         m.d.comb += tt_r.addr.eq(data[16:32])
 
-        def fail(code, detail, drop=True):
+        content_fault = Signal()
+
+        def fail(code, detail, drop=True, content=True):
+            if content:
+                m.d.comb += content_fault.eq(1)
             m.d.sync += [err_code.eq(code), err_detail.eq(detail)]
             if drop:
                 with m.If(msg_end):
@@ -188,9 +196,9 @@ class Loader(wiring.Component):
                 m.next = "REPLY_ERR"
 
         def end_of_body():
-            """The message's last body word was taken without error."""
-            with m.If(~w.tlast):
-                fail(Err.BAD_LENGTH, n)
+            """The message's last body word was taken without a content fault."""
+            with m.If(~w.tlast | ((op == Op.LOAD_LAYER) & (i < 4))):
+                fail(Err.BAD_LENGTH, n, content=False)
             with m.Elif(~w.beat_end):
                 m.next = "PAD"
             with m.Else():
@@ -202,11 +210,13 @@ class Loader(wiring.Component):
                 with m.If(take):
                     m.d.sync += [op.eq(data[8:16]), i.eq(0)]
                     opc = data[8:16]
-                    with m.If((data[0:8] != MAGIC) | (data[16:32] != 0)):
+                    with m.If(data[0:8] != MAGIC):
                         fail(Err.BAD_MAGIC, data)
                     with m.Elif(~opc.matches(Op.LOAD_LAYER, Op.LOAD_PLAN, Op.LOAD_IFMAP,
                                              Op.RUN)):
                         fail(Err.BAD_OPCODE, opc)
+                    with m.Elif((opc == Op.LOAD_PLAN) & (not hp.plan)):
+                        fail(Err.FEATURE, PLAN_FEATURES)
                     with m.Elif((opc != Op.LOAD_LAYER) & ~self.layer_ok):
                         fail(Err.NOT_READY, opc)
                     with m.Elif((opc == Op.RUN) & (~self.ifmap_ok |
@@ -216,7 +226,7 @@ class Loader(wiring.Component):
                         fail(Err.BAD_LENGTH, 0)
                     with m.Else():
                         m.next = "HDR1"
-                    with m.Switch(opc):
+                    with m.Switch(Mux(data[0:8] == MAGIC, opc, 0)):
                         with m.Case(Op.LOAD_LAYER):
                             m.d.sync += [self.layer_ok.eq(0), self.plan_ok.eq(0),
                                          self.ifmap_ok.eq(0)]
@@ -232,10 +242,8 @@ class Loader(wiring.Component):
                     ifmap_words = (cin_hw + per_word - 1) // per_word
                     bad_len = Signal()
                     with m.Switch(op):
-                        with m.Case(Op.LOAD_LAYER):
-                            m.d.comb += bad_len.eq(data < 5)
-                        with m.Case(Op.LOAD_PLAN):
-                            m.d.comb += bad_len.eq(data < 1)
+                        with m.Case(Op.LOAD_LAYER, Op.LOAD_PLAN):
+                            m.d.comb += bad_len.eq(data == 0)
                         with m.Case(Op.LOAD_IFMAP):
                             m.d.comb += bad_len.eq(data != ifmap_words)
                         with m.Case(Op.RUN):
@@ -244,7 +252,7 @@ class Loader(wiring.Component):
                         fail(Err.BAD_LENGTH, data)
                     with m.Else():
                         m.next = "BODY"
-                    m.d.sync += [up_addr.eq(0), q.eq(0), pc_j.eq(0), pc_c.eq(0),
+                    m.d.sync += [up_addr.eq(0), q.eq(0), pc_j.eq(0), pc_c.eq(0), div_started.eq(0),
                                  wc_e.eq(0), wc_lane.eq(0), wc_row.eq(0)]
 
             with m.State("BODY"):
@@ -256,8 +264,20 @@ class Loader(wiring.Component):
                 with m.Switch(op):
                     with m.Case(Op.LOAD_LAYER):
                         n_params = 5 + 5 * L.cout
-                        with m.If(i == 4):
-                            m.d.comb += ready.eq(sizes_ready)
+                        with m.If(i == 2):
+                            # the output size is checked on this word: divide first
+                            with m.If(self.words.valid & ~div_started):
+                                k, s, pad = data[0:8], data[8:16], data[16:24]
+                                num_h = Signal(signed(20))
+                                num_w = Signal(signed(20))
+                                m.d.comb += [num_h.eq(L.h + 2 * pad - k),
+                                             num_w.eq(L.w + 2 * pad - k)]
+                                m.d.sync += [
+                                    div_h.start.eq(1), div_h.num.eq(Mux(num_h < 0, 0, num_h)),
+                                    div_h.den.eq(s), div_w.start.eq(1),
+                                    div_w.num.eq(Mux(num_w < 0, 0, num_w)), div_w.den.eq(s),
+                                    settle.eq(0), div_started.eq(1)]
+                            m.d.comb += ready.eq(div_started & sizes_ready)
                         with m.Elif(i >= n_params):
                             m.d.comb += ready.eq(~b_run)
                         with m.Else():
@@ -269,9 +289,7 @@ class Loader(wiring.Component):
                 m.d.comb += self.words.ready.eq(ready)
                 with m.If(take):
                     m.d.sync += i.eq(i + 1)
-                    with m.If(msg_end & ~last):
-                        fail(Err.BAD_LENGTH, n, drop=False)
-                    with m.Else():
+                    if True:
                         with m.Switch(op):
                             with m.Case(Op.LOAD_LAYER):
                                 self._layer_word(m, hp, data, i, n, L, last, fail, end_of_body,
@@ -279,23 +297,23 @@ class Loader(wiring.Component):
                                                  n_out, howo, b_run, b_t, b_ci, b_ky, b_kx,
                                                  b_offc, b_offy, b_lim, pc, pc_j, pc_c,
                                                  wp_valid, wp_w, wp_row, wp_lane, wc_e,
-                                                 wc_lane, wc_row)
+                                                 wc_lane, wc_row, div_started)
                             with m.Case(Op.LOAD_PLAN):
                                 self._plan_word(m, hp, data, i, n, L, last, fail, end_of_body,
                                                 has_nn, q)
                             with m.Case(Op.LOAD_IFMAP):
                                 m.d.sync += [up_word.eq(data), up_cnt.eq(per_word)]
-                                with m.If(last):
-                                    end_of_body()
                             with m.Case(Op.RUN):
                                 m.d.sync += self.run_trace.eq(data[0])
                                 if not cfg.trace:
                                     with m.If(data[0]):
                                         fail(Err.FEATURE, FEATURE_BITS["trace"])
-                                    with m.Else():
-                                        end_of_body()
-                                else:
-                                    end_of_body()
+                        # length faults come after the word's content checks
+                        with m.If(~content_fault):
+                            with m.If(last):
+                                end_of_body()
+                            with m.Elif(msg_end):
+                                fail(Err.BAD_LENGTH, n, drop=False, content=False)
 
             with m.State("PAD"):
                 m.d.comb += self.words.ready.eq(1)
@@ -344,7 +362,7 @@ class Loader(wiring.Component):
     def _layer_word(self, m, hp, data, i, n, L, last, fail, end_of_body, div_h, div_w, out_neg,
                     settle, cin_kk, cin_hw, n_out, howo, b_run, b_t, b_ci, b_ky, b_kx, b_offc,
                     b_offy, b_lim, pc, pc_j, pc_c, wp_valid, wp_w, wp_row, wp_lane, wc_e,
-                    wc_lane, wc_row):
+                    wc_lane, wc_row, div_started):
         cfg = hp.config
         g = cfg.g
         n_params = 5 + 5 * L.cout
@@ -360,27 +378,24 @@ class Loader(wiring.Component):
         with m.Elif(i == 1):
             h, w = data[0:16], data[16:32]
             m.d.sync += [L.h.eq(h), L.w.eq(w)]
+            size = Signal(48)
+            m.d.comb += size.eq(L.cin * h * w)
             with m.If(h == 0):
                 fail(Err.BAD_VALUE, h)
             with m.Elif(w == 0):
                 fail(Err.BAD_VALUE, w)
-            with m.Elif((h > cfg.max_ifmap) | (w > cfg.max_ifmap)):
-                fail(Err.LIMIT, Mux(h > cfg.max_ifmap, h, w))
+            with m.Elif(size > cfg.max_ifmap):
+                fail(Err.LIMIT, size)
         with m.Elif(i == 2):
             k, s, pad, p = data[0:8], data[8:16], data[16:24], data[24:32]
-            m.d.sync += [L.k.eq(k), L.stride.eq(s), L.pad.eq(pad), L.p.eq(p)]
-            num_h = Signal(signed(20))
-            num_w = Signal(signed(20))
-            m.d.comb += [num_h.eq(L.h + 2 * pad - k), num_w.eq(L.w + 2 * pad - k)]
-            m.d.sync += [
-                div_h.start.eq(1), div_h.num.eq(Mux(num_h < 0, 0, num_h)), div_h.den.eq(s),
-                div_w.start.eq(1), div_w.num.eq(Mux(num_w < 0, 0, num_w)), div_w.den.eq(s),
-                out_neg.eq((num_h < 0) | (num_w < 0)), settle.eq(0),
-                # the tap table for this geometry (bounded by the table size)
-                b_run.eq(k != 0), b_t.eq(0), b_ci.eq(0), b_ky.eq(0), b_kx.eq(0),
-                b_offc.eq(0), b_offy.eq(0),
-                b_lim.eq(Mux(L.cin * k * k > cfg.max_taps, cfg.max_taps, L.cin * k * k)),
-            ]
+            m.d.sync += [L.k.eq(k), L.stride.eq(s), L.pad.eq(pad), L.p.eq(p),
+                         L.ho.eq(div_h.quotient + 1), L.wo.eq(div_w.quotient + 1),
+                         L.howo.eq(howo), L.n_out.eq(n_out), div_started.eq(0),
+                         # the tap table for this geometry (bounded by the table size)
+                         b_run.eq(k != 0), b_t.eq(0), b_ci.eq(0), b_ky.eq(0), b_kx.eq(0),
+                         b_offc.eq(0), b_offy.eq(0),
+                         b_lim.eq(Mux(L.cin * k * k > cfg.max_taps, cfg.max_taps,
+                                      L.cin * k * k))]
             with m.If(k == 0):
                 fail(Err.BAD_VALUE, k)
             with m.Elif(k > cfg.max_k):
@@ -395,31 +410,35 @@ class Loader(wiring.Component):
                 fail(Err.FEATURE, FEATURE_BITS["zero_pred"])
             with m.Elif(p > cfg.max_p):
                 fail(Err.LIMIT, p)
+            with m.Elif(L.h + 2 * pad < k):
+                fail(Err.BAD_VALUE, L.h)
+            with m.Elif(L.w + 2 * pad < k):
+                fail(Err.BAD_VALUE, L.w)
+            with m.Elif(n_out > cfg.max_ofmap):
+                fail(Err.LIMIT, n_out)
         with m.Elif(i == 3):
             et = data[2:4]
+            has_plan = data[4]
             ob = data[8:16]
             m.d.sync += [L.act_signed.eq(data[0]), L.raw.eq(data[1]), L.et.eq(et),
-                         L.has_plan.eq(data[4]), L.out_bits.eq(ob)]
+                         L.has_plan.eq(has_plan), L.out_bits.eq(ob)]
             with m.If(et == 3):
                 fail(Err.BAD_VALUE, et)
             with m.Elif((et != 0) & (not cfg.has("early_term"))):
                 fail(Err.FEATURE, FEATURE_BITS["early_term"])
-            with m.Elif((ob == 0) | (ob > 16)):
+            with m.Elif(has_plan & (not hp.plan)):
+                fail(Err.FEATURE, PLAN_FEATURES)
+            with m.Elif(ob == 0):
                 fail(Err.BAD_VALUE, ob)
+            with m.Elif(ob > cfg.out_bits):
+                fail(Err.LIMIT, ob)
         with m.Elif(i == 4):
             t = data
-            m.d.sync += [L.taps.eq(t), L.rows.eq((t + g - 1) // g), L.ho.eq(div_h.quotient + 1),
-                         L.wo.eq(div_w.quotient + 1), L.howo.eq(howo), L.n_out.eq(n_out)]
+            m.d.sync += [L.taps.eq(t), L.rows.eq((t + g - 1) // g)]
             with m.If(t != cin_kk):
                 fail(Err.BAD_VALUE, t)
             with m.Elif(t > cfg.max_taps):
                 fail(Err.LIMIT, t)
-            with m.Elif(cin_hw > cfg.max_ifmap):
-                fail(Err.LIMIT, cin_hw)
-            with m.Elif(out_neg):
-                fail(Err.BAD_VALUE, L.k)
-            with m.Elif(n_out > cfg.max_ofmap):
-                fail(Err.LIMIT, n_out)
             with m.Elif(n != n_params + L.cout * t):
                 fail(Err.BAD_LENGTH, n)
         with m.Elif(i < n_params):
@@ -449,14 +468,10 @@ class Loader(wiring.Component):
                              | ((L.et == 2) & (pc.spec == 0) & (pc.bias <= th)))
                     m.d.sync += [pc.th.eq(th), pc.stop0.eq(stop0), pc_j.eq(0),
                                  self.prm.en.eq(1)]
-            with m.If(last):
-                end_of_body()
         with m.Else():
-            # weights in tap order: [15:0] weight, [31:16] tap index
-            wv = data[0:16]
+            # weights in tap order: [15:0] weight (low weight_bits used), [31:16] tap index
             tap = data[16:32]
-            hi = wv.as_signed() >> (cfg.weight_bits - 1)
-            m.d.sync += [wp_valid.eq(1), wp_w.eq(wv[:cfg.weight_bits]), wp_row.eq(wc_row),
+            m.d.sync += [wp_valid.eq(1), wp_w.eq(data[:cfg.weight_bits]), wp_row.eq(wc_row),
                          wp_lane.eq(wc_lane)]
             chan_end = wc_e == L.taps - 1
             with m.If(chan_end):
@@ -467,10 +482,6 @@ class Loader(wiring.Component):
                 m.d.sync += [wc_e.eq(wc_e + 1), wc_lane.eq(wc_lane + 1)]
             with m.If(tap >= L.taps):
                 fail(Err.BAD_VALUE, tap)
-            with m.Elif((hi != 0) & (hi != -1)):
-                fail(Err.BAD_VALUE, wv)
-            with m.Elif(last):
-                end_of_body()
 
     # -- LOAD_PLAN body ----------------------------------------------------------------------
 
@@ -479,7 +490,9 @@ class Loader(wiring.Component):
         with m.If(i == 0):
             hn = data[0]
             m.d.sync += [has_nn.eq(hn), q.eq(0)]
-            with m.If(n != 1 + L.n_out + Mux(hn, L.howo, 0)):
+            with m.If(hn & (not cfg.has("perforation"))):
+                fail(Err.FEATURE, FEATURE_BITS["perforation"])
+            with m.Elif(n != 1 + L.n_out + Mux(hn, L.howo, 0)):
                 fail(Err.BAD_LENGTH, n)
         with m.Elif(q < L.n_out):
             kind, leader, const = data[0:2], data[2], data[8:32]
@@ -496,15 +509,13 @@ class Loader(wiring.Component):
                 fail(Err.FEATURE, FEATURE_BITS["velcro"])
             with m.Elif((kind == 2) & (not cfg.has("perforation"))):
                 fail(Err.FEATURE, FEATURE_BITS["perforation"])
-            with m.Elif(last):
-                end_of_body()
+            with m.Elif((kind == 2) & ~has_nn):
+                fail(Err.BAD_VALUE, kind)
+            with m.Elif((kind == 1) & ~L.raw & (const > (1 << L.out_bits) - 1)):
+                fail(Err.BAD_VALUE, const)
         with m.Else():
             nx, ny = data[0:16], data[16:32]
             m.d.sync += [q.eq(q + 1), self.nn.en.eq(1), self.nn.addr.eq(q - L.n_out),
                          self.nn.data.eq(ny * L.wo + nx)]
-            with m.If(nx >= L.wo):
-                fail(Err.BAD_VALUE, nx)
-            with m.Elif(ny >= L.ho):
-                fail(Err.BAD_VALUE, ny)
-            with m.Elif(last):
-                end_of_body()
+            with m.If((ny >= L.ho) | (nx >= L.wo)):
+                fail(Err.BAD_VALUE, data)
