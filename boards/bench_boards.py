@@ -25,33 +25,6 @@ def add_arguments(parser) -> None:
                         help="skip the dense baselines (no lut_overhead)")
 
 
-def _cached_build(board, config, mhz, seed, log):
-    """Build (or reuse) one design; return its report (a failed fit is a report too)."""
-    import json
-    import shutil
-
-    from ..sw.paths import cache_dir
-    from .build import BuildError, build_board
-    from .simbuild import _locked, _sources_hash
-
-    key = f"{board}-{config.key}-{mhz:g}-s{seed}-{_sources_hash()}"
-    folder = cache_dir("boards", "builds", key)
-    report_path = folder / "report.json"
-    with _locked(folder.parent / f"{key}.lock"):
-        if report_path.exists():
-            return json.loads(report_path.read_text())
-        shutil.rmtree(folder, ignore_errors=True)
-        try:
-            return build_board(board, config, folder, clock_mhz=mhz, seed=seed,
-                               check_timing=False, log=log)
-        except BuildError as e:
-            if report_path.exists():
-                rep = json.loads(report_path.read_text())
-                rep.setdefault("error", str(e).splitlines()[0])
-                return rep
-            return {"status": "failed", "error": str(e).splitlines()[0]}
-
-
 def _summary(reports):
     from .build import engine_fmax
     ok = [r for r in reports if r.get("status") == "ok"]
@@ -76,6 +49,7 @@ def run(args) -> dict:
     from tqdm import tqdm
 
     from ..sw.config import PRESETS
+    from .build import cached_build
 
     boards = [b.strip() for b in args.boards.split(",") if b.strip()]
     lanes = [int(v) for v in args.lanes.split(",")]
@@ -100,7 +74,7 @@ def run(args) -> dict:
             reports = []
             for seed in seeds:
                 bar.set_postfix_str(f"{board} {size} {variant} seed {seed}")
-                reports.append(_cached_build(board, config, mhz, seed,
+                reports.append(cached_build(board, config, mhz, seed,
                                              lambda s: tqdm.write(s, file=sys.stderr)))
                 bar.update()
             entry = result.setdefault(board, {}).setdefault(size, {})

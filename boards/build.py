@@ -25,7 +25,7 @@ from pathlib import Path
 from ..sw.config import EngineConfig
 from ..sw.layer import atomic_write_bytes
 
-__all__ = ["BOARDS", "BoardSpec", "BuildError", "build_board", "toolchain_env",
+__all__ = ["BOARDS", "BoardSpec", "BuildError", "build_board", "cached_build", "toolchain_env",
            "parse_report", "program_board"]
 
 
@@ -243,3 +243,33 @@ def program_board(board: str, bitstream) -> None:
                          "openFPGALoader; e.g. apt-get install openfpgaloader); the bitstream "
                          f"is {bitstream}")
     subprocess.run([tool, "-b", BOARDS[board].loader_board, str(bitstream)], check=True)
+
+
+def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, log=None) -> dict:
+    """Build (or reuse) one design without the timing check; return its report.
+
+    Cached under ``cache_dir('boards', 'builds')`` by board, config, clock, seed and the
+    gateware sources; a design that does not fit returns its failed report.
+    """
+    import json
+    import shutil
+
+    from ..sw.paths import cache_dir
+    from .simbuild import _locked, _sources_hash
+
+    key = f"{board}-{config.key}-{mhz:g}-s{seed}-{_sources_hash()}"
+    folder = cache_dir("boards", "builds", key)
+    report_path = folder / "report.json"
+    with _locked(folder.parent / f"{key}.lock"):
+        if report_path.exists():
+            return json.loads(report_path.read_text())
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            return build_board(board, config, folder, clock_mhz=mhz, seed=seed,
+                               check_timing=False, log=log)
+        except BuildError as e:
+            if report_path.exists():
+                rep = json.loads(report_path.read_text())
+                rep.setdefault("error", str(e).splitlines()[0])
+                return rep
+            return {"status": "failed", "error": str(e).splitlines()[0]}

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -54,13 +55,19 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+#: The modules of boards/ that describe gateware (benches, CLI and docs do not count).
+GATEWARE_MODULES = ("uart.py", "framer.py", "core.py", "alveo.py", "pll.py", "ulx3s.py",
+                    "icebreaker.py", "build.py")
+
+
 def _sources_hash() -> str:
+    """Hash of what the generated designs depend on: hw/*.py, our gateware, Amaranth."""
     import amaranth
     h = hashlib.sha256(f"amaranth {amaranth.__version__}\n".encode())
     here = Path(__file__).resolve().parent
-    for folder in (here.parent / "hw", here):
-        for path in sorted(folder.rglob("*.py")):
-            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    paths = sorted((here.parent / "hw").rglob("*.py")) + [here / m for m in GATEWARE_MODULES]
+    for path in paths:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -91,6 +98,9 @@ def build_top(name: str, config: EngineConfig, make_component, log=None) -> Path
             ports = [p for p, _ in comp.signature.members.flatten()]
             port_names = ["__".join(str(x) for x in path) for path in ports]
             text = verilog.convert(comp, name=name, emit_src=False)
+            # The sync domain's clock and reset are ports too when the top does not make them.
+            port_names += [p for p in ("clk", "rst")
+                           if re.search(rf"^\s*input\s+(wire\s+)?{p}\s*;", text, re.M)]
             src = folder / f"{name}.v"
             src.write_text(strip_zero_memory_init(text))
             vlt = folder / "ports.vlt"

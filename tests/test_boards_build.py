@@ -1,0 +1,62 @@
+# amaranth: UnusedElaboratable=no
+"""One ULX3S build of a small engine to a bitstream with its report.json (cached by content),
+and the parts of the build flow that need no toolchain run."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from skipconv.boards.build import BOARDS, BuildError, build_board, cached_build, parse_report
+from skipconv.boards.pll import PLLError, ecp5_pll, ice40_pll
+from skipconv.sw.config import EngineConfig
+
+#: The smallest useful engine: one lane, every mechanism, small buffers.
+SMALL = EngineConfig(lanes=1, max_taps=64, max_ifmap=256, max_cout=4, max_ofmap=256, max_k=3,
+                     max_p=2, trace=False)
+CLOCK_MHZ = 50.0
+
+
+def test_pll_settings():
+    p = ecp5_pll(25e6, 125e6)
+    assert p.f_out == 125e6 and 400e6 <= p.f_vco <= 800e6
+    assert abs(ecp5_pll(25e6, 50e6).f_out - 50e6) < 1
+    q = ice40_pll(12e6, 24e6)
+    assert abs(q.f_out - 24e6) < 0.01 * 24e6 and 1 <= q.filter_range <= 6
+    with pytest.raises(PLLError, match="cannot make 2000 MHz"):
+        ecp5_pll(25e6, 2000e6)
+
+
+def test_unknown_board_is_refused(tmp_path):
+    with pytest.raises(BuildError, match="board 'de10': choose one of ulx3s, icebreaker"):
+        build_board("de10", SMALL, tmp_path)
+
+
+def test_parse_report_counts_and_fmax(tmp_path):
+    rep = {"utilization": {"TRELLIS_COMB": {"used": 100, "available": 83640},
+                           "TRELLIS_FF": {"used": 50, "available": 83640},
+                           "MULT18X18D": {"used": 2, "available": 156},
+                           "DP16KD": {"used": 3, "available": 208}},
+           "fmax": {"$glbnet$clk": {"achieved": 101.234, "constraint": 50.0}}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rep))
+    out = parse_report(BOARDS["ulx3s"], path)
+    assert out["luts"] == {"used": 100, "available": 83640}
+    assert out["dsps"]["used"] == 2 and out["brams"]["used"] == 3
+    assert out["fmax"] == {"$glbnet$clk": {"achieved_mhz": 101.23, "constraint_mhz": 50.0}}
+
+
+@pytest.mark.slow
+def test_ulx3s_small_build_to_bitstream():
+    rep = cached_build("ulx3s", SMALL, CLOCK_MHZ, seed=1)
+    assert rep["status"] == "ok", rep.get("error")
+    bit = Path(rep["bitstream"])
+    assert bit.suffix == ".bit" and bit.stat().st_size > 100_000
+    report = json.loads((bit.parent / "report.json").read_text())
+    assert report == rep
+    for key in ("luts", "ffs", "dsps", "brams"):
+        assert 0 <= report[key]["used"] <= report[key]["available"], key
+    assert report["luts"]["available"] == 83640 and report["luts"]["used"] > 500
+    assert report["dsps"]["used"] >= 1            # the MAC is a MULT18X18D
+    assert min(v["achieved_mhz"] for v in report["fmax"].values()) >= CLOCK_MHZ
+    assert report["config_key"] == SMALL.key
