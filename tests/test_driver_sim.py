@@ -21,16 +21,21 @@ CONFIG = EngineConfig(lanes=3, g=1, bus_bits=32, features=frozenset(FEATURES), m
                       max_ifmap=1024, max_cout=16, max_ofmap=1024, max_k=5, max_p=4)
 
 
-@pytest.fixture(scope="module")
-def sim():
+def test_sim_backend_session():
+    """One simulator process for every check below (one test: xdist keeps it on one worker)."""
     from skipconv.sw.driver.sim_backend import open_sim
-    dev = open_sim(CONFIG, progress=False)
-    yield dev
-    dev.close()
-    assert dev.transport._proc.returncode == 0
+    sim = open_sim(CONFIG, progress=False)
+    try:
+        _random_layers_every_mechanism_bit_exact(sim)
+        _offload_lenet_sim_equals_golden_tiled(sim)
+        _engine_error_then_next_layer_on_the_same_simulator(sim)
+        assert sim.stats["layers"] >= 4 + 6 + 1
+    finally:
+        sim.close()
+    assert sim.transport._proc.returncode == 0
 
 
-def test_random_layers_every_mechanism_bit_exact(sim):
+def _random_layers_every_mechanism_bit_exact(sim):
     rng = np.random.default_rng(11)
     mixes = [(), ("early_term",), ("early_term", "zero_pred", "velcro"),
              ("early_term", "perforation", "velcro")]
@@ -43,7 +48,7 @@ def test_random_layers_every_mechanism_bit_exact(sim):
         assert r.cycles > 0
 
 
-def test_offload_lenet_sim_equals_golden_tiled(sim):
+def _offload_lenet_sim_equals_golden_tiled(sim):
     net = export.export(zoo.get_model("lenet", progress=False), data.mnist_split("calib").x)
     for L in net.layers:
         assert len(tiling.plan_tiles(L, CONFIG)) > 1          # every layer is tiled here
@@ -58,7 +63,7 @@ def test_offload_lenet_sim_equals_golden_tiled(sim):
         assert s.cycles and s.cycles > 0
 
 
-def test_engine_error_then_next_layer_on_the_same_simulator(sim):
+def _engine_error_then_next_layer_on_the_same_simulator(sim):
     """A driver told of bigger buffers than the engine has gets the engine's LIMIT error."""
     rng = np.random.default_rng(12)
     big = randlayer.random_layer(rng, cin=4, cout=3, h=18, w=16, features=())
