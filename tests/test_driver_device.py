@@ -173,3 +173,24 @@ def test_message_bytes_equals_protocol_to_bytes(bus_bits):
     for n in range(1, 10):
         words = rng.integers(0, 1 << 32, size=n).tolist()
         assert message_bytes(words, config) == protocol.to_bytes(words, config)
+
+
+def test_xrt_kernel_interface_matches_the_alveo_kernel():
+    """The backend's kernel name, argument order and result buffer format are the boards'."""
+    from skipconv.boards import alveo
+    from skipconv.sw.driver import xrt_backend
+    assert xrt_backend.KERNEL_NAME == alveo.KERNEL
+    args = ["cmd", "cmd_words", "res", "res_capacity"]
+    offsets = [alveo.REGISTERS[a][0] for a in args]
+    assert offsets == sorted(offsets)               # XRT passes arguments in offset order
+    # A result buffer as the kernel writes it: count, then the stream (the software engine's).
+    (layer, x), = _layers(10, 1)
+    engine = responder_engine(CONFIG)
+    stream = b"".join(r for words in protocol.encode_commands(layer, x, CONFIG, trace=True)
+                      for r in engine(protocol.to_bytes(words, CONFIG)))
+    words = np.frombuffer(stream, "<u4")
+    raw = np.concatenate([[len(words)], words]).astype(np.uint32)
+    replies = xrt_backend.split_results(raw, CONFIG, res_capacity=len(words))
+    assert b"".join(replies) == stream and len(replies) == 3 + 3
+    with pytest.raises(xrt_backend.TransportError, match="overflowed"):
+        xrt_backend.split_results(raw, CONFIG, res_capacity=len(words) - 1)

@@ -1,19 +1,18 @@
 """The ``xrt`` backend: an Alveo card running the engine as an XRT kernel, through ``pyxrt``.
 
 ``pyxrt`` (from the Xilinx Runtime) is imported only when this backend is opened; without XRT
-the error says so and what to install. The kernel is the boards issue's Alveo wrapper around
-the same engine and protocol; the transport moves whole protocol messages through two device
-buffers.
+the error says so and what to install. The kernel is the boards issue's RTL kernel
+(:mod:`skipconv.boards.alveo`, docs/boards.md):
 
-Assumed kernel interface (docs/driver.md "xrt backend"; to be checked against
-``skipconv.boards.alveo`` when its register map is final):
+* kernel ``skipconv_kernel`` with arguments ``cmd`` (command buffer address), ``cmd_words``,
+  ``res`` (result buffer address), ``res_capacity`` (result words after word 0);
+* one run streams the command buffer into the engine (``tlast`` from each message's header) and
+  finishes when every command has been answered;
+* result word 0 is the number ``n`` of result words written after it, bit 31 set when the
+  results overflowed ``res_capacity``; words 1..n are the result stream, beat padding included.
 
-* kernel name ``skipconv_engine`` in the ``.xclbin``;
-* arguments, in order: ``cmd`` (global buffer of command words), ``cmd_words`` (u32),
-  ``res`` (global buffer for result words), ``res_capacity`` (u32, words);
-* one kernel run streams ``cmd_words`` words into the engine's command stream (message
-  boundaries from the headers' lengths, ``tlast`` on each message's last beat) and writes the
-  result stream to ``res`` from word 1 on; word 0 receives the number of result words written.
+The transport batches a tile's commands until the driver asks for a reply, then runs the kernel
+once and splits the result stream into messages with the protocol's parser.
 """
 
 from __future__ import annotations
@@ -25,9 +24,14 @@ import numpy as np
 
 from .transport import LinkTimeout, Transport, TransportError
 
-__all__ = ["XrtUnavailable", "XrtTransport", "open_xrt", "KERNEL_NAME"]
+__all__ = ["XrtUnavailable", "XrtTransport", "open_xrt", "split_results", "KERNEL_NAME",
+           "OVERFLOW_BIT"]
 
-KERNEL_NAME = "skipconv_engine"
+#: The RTL kernel's name (``skipconv.boards.alveo.KERNEL``; kept here so that opening the
+#: backend does not import the gateware).
+KERNEL_NAME = "skipconv_kernel"
+#: Bit of result word 0 set when the results overflowed the buffer.
+OVERFLOW_BIT = 1 << 31
 
 
 class XrtUnavailable(TransportError):
@@ -45,13 +49,30 @@ def _import_pyxrt():
     return pyxrt
 
 
+def split_results(raw, config, res_capacity: int, peer: str = "kernel") -> list[bytes]:
+    """The result messages of one kernel run from its result buffer words (word 0: count)."""
+    from .. import protocol
+    from .device import message_bytes
+    raw = np.asarray(raw, dtype=np.uint32)
+    head = int(raw[0])
+    n = head & ~OVERFLOW_BIT
+    if head & OVERFLOW_BIT or n > res_capacity:
+        raise TransportError(f"{peer}: the results overflowed the {res_capacity}-word result "
+                             "buffer (results were dropped)")
+    parser = protocol.ResultParser(config)
+    messages = parser.feed_bytes(raw[1:1 + n].astype("<u4").tobytes())
+    if not parser.idle:
+        raise TransportError(f"{peer}: the result stream ends inside a message")
+    return [message_bytes(m.words(), config) for m in messages]
+
+
 class XrtTransport(Transport):
     """Protocol messages through an Alveo kernel run: commands are batched until a reply is
     needed, then one kernel run moves them and returns every reply.
     """
 
-    def __init__(self, xclbin: str, *, device_index: int = 0, res_capacity: int = 1 << 22,
-                 timeout_ms: int = 60_000):
+    def __init__(self, xclbin: str, config, *, device_index: int = 0,
+                 res_capacity: int = 1 << 22, timeout_ms: int = 60_000):
         pyxrt = _import_pyxrt()
         if not xclbin or not os.path.exists(xclbin):
             raise XrtUnavailable(f"xclbin = {xclbin!r}: no such file (build it with the boards "
@@ -64,6 +85,7 @@ class XrtTransport(Transport):
             raise XrtUnavailable(f"Alveo card {device_index}: cannot load {xclbin!r} "
                                  f"kernel {KERNEL_NAME!r} ({e})") from None
         self._pyxrt = pyxrt
+        self.config = config
         self.peer = f"Alveo card {device_index} ({os.path.basename(xclbin)})"
         self.res_capacity = res_capacity
         self.timeout_ms = timeout_ms
@@ -89,17 +111,7 @@ class XrtTransport(Transport):
             raise LinkTimeout(f"{self.peer}: kernel run ended in state {state}")
         self._res_bo.sync(pyxrt.xclBOSyncDirection.XCL_BO_SYNC_BO_FROM_DEVICE)
         raw = np.frombuffer(self._res_bo.read(4 * (self.res_capacity + 1), 0), "<u4")
-        n = int(raw[0])
-        if n > self.res_capacity:
-            raise TransportError(f"{self.peer}: kernel reports {n} result words, more than "
-                                 f"the buffer's {self.res_capacity}")
-        # Split the result stream into messages by their headers (body length in word 1).
-        body = raw[1:1 + n]
-        i = 0
-        while i + 1 < n:
-            length = 2 + int(body[i + 1])
-            self._replies.append(body[i:i + length].astype("<u4").tobytes())
-            i += length
+        self._replies.extend(split_results(raw, self.config, self.res_capacity, self.peer))
 
     def recv(self, timeout=None) -> bytes:
         if not self._replies and self._pending:
@@ -117,10 +129,6 @@ def open_xrt(config, *, xclbin: str | None = None, device_index: int = 0, **opti
     """Open the ``xrt`` backend (``xclbin`` defaults to ``$SKIPCONV_XCLBIN``)."""
     from .device import EngineDevice
     _import_pyxrt()
-    if config.bus_bits != 32:
-        # Beat padding: the result splitter above assumes one word per beat.
-        raise XrtUnavailable(f"config.bus_bits = {config.bus_bits}: the xrt transport "
-                             "supports 32-bit streams only")
     xclbin = xclbin or os.environ.get("SKIPCONV_XCLBIN")
-    transport = XrtTransport(xclbin, device_index=device_index)
+    transport = XrtTransport(xclbin, config, device_index=device_index)
     return EngineDevice(config, transport, name="xrt", **options)
