@@ -13,7 +13,8 @@ by ``conv(layer, x_int) -> out_int`` (the exporter's ``ExportedNet``).
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,6 +84,28 @@ def _score(logits, y) -> tuple[float, float, np.ndarray]:
     return float((pred == y).mean()), float(-logp[np.arange(len(y)), y].mean()), pred
 
 
+def _fingerprint_array(a) -> bytes:
+    a = np.ascontiguousarray(a)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.digest()
+
+
+def _fingerprint_layer(L: Layer) -> bytes:
+    """Content hash of everything that decides a layer's outputs and MACs."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((tuple(L.in_shape), L.stride, L.pad, L.out_bits, L.act_bits, L.act_signed,
+                   L.raw, L.p, L.et)).encode())
+    for name in ("w", "b", "M", "sh", "kind", "const", "nn", "leader", "order", "neg_start",
+                 "spec", "th"):
+        v = getattr(L, name)
+        h.update(name.encode())
+        if v is not None:
+            h.update(_fingerprint_array(np.asarray(v)))
+    return h.digest()
+
+
 def validate_plan(plan: dict, layers: list, g: int) -> None:
     """Check every configured layer (semantics rules, shapes equal to the exported layer)."""
     for i, L in plan.items():
@@ -114,6 +137,15 @@ class NetEval:
         self.g = int(g)
         self.layers = list(net.layers)
         self._base = None
+        # Greedy searches change one layer at a time: the layers before it see the same input
+        # with the same configuration, so their results are reused (content-keyed).
+        self._cache = OrderedDict()
+        self.cache_size = 24
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"] = OrderedDict()          # workers build their own
+        return state
 
     def __len__(self):
         return len(self.y)
@@ -142,7 +174,15 @@ class NetEval:
             single = xb.ndim == 3
             if single:
                 xb = xb[None]
-            r = emulate(L, xb, self.g, validate=not validated)
+            key = (i, _fingerprint_layer(L), _fingerprint_array(xb))
+            r = self._cache.get(key)
+            if r is None:
+                r = emulate(L, xb, self.g, validate=not validated)
+                self._cache[key] = r
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(key)
             per_layer[i] = sum_counters([per_layer[i] or {}, r.counters])
             positions[i] = {k: (positions[i] or {}).get(k, 0) + v for k, v in r.positions.items()}
             if capture:
@@ -209,10 +249,3 @@ def golden_eval(net, plan: dict, x, y, g: int = 1, *, progress: bool = True,
         bar.close()
     acc, nll, pred = _score(logits, y)
     return Evaluation(acc=acc, nll=nll, layers=per_layer, positions=positions, pred=pred)
-
-
-def replace(layer: Layer, **changes) -> Layer:
-    """``dataclasses.replace`` that records the change in ``meta['methods']``."""
-    meta = dict(layer.meta or {})
-    meta.setdefault("methods", [])
-    return dataclasses.replace(layer, meta=meta, **changes)

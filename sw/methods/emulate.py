@@ -2,8 +2,8 @@
 
 The golden model (:mod:`skipconv.sw.golden`) runs one input at a time and is the number we
 report. The method searches evaluate hundreds of candidate configurations on hundreds of
-images, so they use this batch version of the same rules: sums are float64 convolutions
-(exact while every partial sum stays below 2**53, checked), early-termination stop points are
+images, so they use this batch version of the same rules: sums are float32 or float64 convolutions
+(exact while every partial sum stays below 2**24 or 2**53, checked), early-termination stop points are
 found like the golden model does (one masked convolution per check rule plus a running sum
 over the non-positive taps of the positions that cross zero later). ``tests/test_methods_*``
 check it against the golden model bit for bit (outputs and every MAC counter).
@@ -23,7 +23,9 @@ __all__ = ["BatchResult", "emulate", "COUNTERS"]
 
 COUNTERS = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
 _F64_EXACT = 1 << 53
+_F32_EXACT = 1 << 24
 _BLOCK = 1 << 22          # elements per running-sum block (~32 MB float64)
+_GRID = 4                 # check points per channel that bracket a stop point
 
 
 @dataclass
@@ -71,8 +73,11 @@ def _emulate(layer, x, g, validate, macs) -> BatchResult:
     if bound >= _F64_EXACT:
         raise ValueError(f"layer {L.name!r}: sums up to {bound} are not exact in float64; "
                          "use skipconv.sw.golden for this layer")
-    wt = torch.as_tensor(L.w, dtype=torch.float64)
-    bt = torch.as_tensor(L.b, dtype=torch.float64).view(1, -1, 1, 1)
+    # float32 is exact (and several times faster) while every partial sum stays below 2**24.
+    if bound < _F32_EXACT:
+        xt = xt.to(torch.float32)
+    wt = torch.as_tensor(L.w, dtype=xt.dtype)
+    bt = torch.as_tensor(L.b, dtype=xt.dtype).view(1, -1, 1, 1)
     acc = _conv(xt, wt, L.stride, L.pad) + bt                          # (N, Cout, Ho, Wo)
 
     e_stop = torch.full(acc.shape, t, dtype=torch.int64)
@@ -166,8 +171,8 @@ def _psum_at(L, xt, rank, e):
     """psum after the first ``e[c]`` taps of ``order[c]``, every position (N, Cout, Ho, Wo)."""
     wflat = np.asarray(L.w).reshape(L.cout, -1)
     wm = np.where(rank < np.asarray(e)[:, None], wflat, 0).reshape(L.w.shape)
-    bt = torch.as_tensor(L.b, dtype=torch.float64).view(1, -1, 1, 1)
-    return _conv(xt, torch.as_tensor(wm, dtype=torch.float64), L.stride, L.pad) + bt
+    bt = torch.as_tensor(L.b, dtype=xt.dtype).view(1, -1, 1, 1)
+    return _conv(xt, torch.as_tensor(wm, dtype=xt.dtype), L.stride, L.pad) + bt
 
 
 def _stop_points(L, xt, acc, g, e_stop, fired):
@@ -183,36 +188,13 @@ def _stop_points(L, xt, acc, g, e_stop, fired):
     fired = fired | at_e0
     crossing = ~at_e0 & (acc <= 0)
     if bool(crossing.any()):
-        n, cout = acc.shape[0], acc.shape[1]
-        # Channel-major flat views: row r of `flat` is position (n, p) with r = n * P + p.
-        cross_cf = crossing.transpose(0, 1).reshape(cout, -1)
-        ps0_cf = ps0.transpose(0, 1).reshape(cout, -1)
-        e_cf = e_stop.transpose(0, 1).reshape(cout, -1).clone()
-        cols = F.unfold(xt, L.k, padding=L.pad, stride=L.stride)               # (N, T, P)
-        flat = cols.transpose(1, 2).reshape(-1, cols.shape[1]).contiguous()    # (N*P, T)
-        wflat = np.asarray(L.w).reshape(L.cout, -1)
-        for c in torch.nonzero(cross_cf.any(dim=1)).flatten().tolist():
-            ec = int(e0[c])
-            neg_taps = torch.as_tensor(order[c, ec:])
-            checks = np.arange(g * (ec // g + 1), t, g, dtype=np.int64)
-            checks = torch.as_tensor(np.append(checks[checks > ec], t))
-            rows = checks - ec - 1
-            wneg = torch.as_tensor(wflat[c, order[c, ec:]], dtype=torch.float64)
-            sel = torch.nonzero(cross_cf[c]).flatten()
-            block = max(1, _BLOCK // max(1, len(neg_taps)))
-            for s in range(0, sel.shape[0], block):
-                rs = sel[s:s + block]
-                terms = flat.index_select(0, rs).index_select(1, neg_taps)       # (k, nneg)
-                run = torch.cumsum(terms * wneg, dim=1).index_select(1, rows)
-                run += ps0_cf[c].index_select(0, rs)[:, None]
-                first = torch.argmax((run <= 0).to(torch.uint8), dim=1)
-                e_cf[c].index_copy_(0, rs, checks.index_select(0, first))
-        e_stop = e_cf.view(cout, n, *acc.shape[2:]).transpose(0, 1)
+        e_stop = _refine(L, xt, order, rank, g, e0, ps0, crossing, e_stop)
         fired = fired | crossing
     if L.et == "predictive":
         spec = np.asarray(L.spec, np.int64)
         ps1 = _psum_at(L, xt, rank, spec)
         th = torch.as_tensor(np.asarray(L.th), dtype=torch.float64).view(1, -1, 1, 1)
+        ps1 = ps1.to(torch.float64)
         rule1 = ps1 <= th
         spect = torch.as_tensor(spec).view(1, -1, 1, 1).expand_as(e_stop)
         take = rule1 & (~fired | (spect <= e_stop))
@@ -229,3 +211,59 @@ def _predicted_followers(out, kind, leader, p):
     live = nz.view(n, cout, hp // p, p, wp // p, p).any(dim=5).any(dim=3)
     win = (~live).repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)[:, :, :ho, :wo]
     return win & ~leader.unsqueeze(0) & (kind == COMPUTE)
+
+
+def _refine(L, xt, order, rank, g, e0, ps0, crossing, e_stop):
+    """Stop points of the positions that cross zero after ``e0`` (psum falls from there on).
+
+    Two steps: the partial sums at a grid of up to ``_GRID`` check points per channel (one
+    masked convolution per grid level, all channels at once) bracket each position's stop
+    point; a running sum over the taps of its bracket only then finds the exact check point.
+    """
+    t = L.taps
+    n, cout = crossing.shape[0], crossing.shape[1]
+    checks = []
+    for c in range(cout):
+        ec = int(e0[c])
+        ch = np.arange(g * (ec // g + 1), t, g, dtype=np.int64)
+        checks.append(np.append(ch[ch > ec], t))
+    levels = max(1, min(_GRID, max(len(ch) for ch in checks)))
+    # Repeated grid points (channels with few checks) are harmless: a position is bracketed
+    # at the first level where psum <= 0, whose predecessor is a strictly earlier point.
+    grid = np.stack([ch[np.linspace(0, len(ch) - 1, levels).round().astype(int)]
+                     for ch in checks])                                 # (Cout, levels)
+    # bracket[j]: psum at grid level j; the stop lies in (grid[j-1], grid[j]] for the
+    # first j with psum <= 0 (grid[-1] = e0, psum ps0 > 0 for crossing positions).
+    cross_cf = crossing.transpose(0, 1).reshape(cout, -1)
+    level = torch.full(cross_cf.shape, -1, dtype=torch.int64)
+    lo_ps = ps0.transpose(0, 1).reshape(cout, -1).clone()
+    prev = ps0.transpose(0, 1).reshape(cout, -1)
+    for j in range(levels):
+        ps = _psum_at(L, xt, rank, grid[:, j]).transpose(0, 1).reshape(cout, -1)
+        hit = cross_cf & (level < 0) & (ps <= 0)
+        level[hit] = j
+        lo_ps = torch.where(hit, prev, lo_ps)
+        prev = ps
+    cols = F.unfold(xt, L.k, padding=L.pad, stride=L.stride)                   # (N, T, P)
+    flat = cols.transpose(1, 2).reshape(-1, cols.shape[1]).contiguous()        # (N*P, T)
+    wflat = np.asarray(L.w).reshape(L.cout, -1)
+    e_cf = e_stop.transpose(0, 1).reshape(cout, -1).clone()
+    for c in torch.nonzero(cross_cf.any(dim=1)).flatten().tolist():
+        for j in torch.unique(level[c][cross_cf[c]]).tolist():
+            lo = int(e0[c]) if j == 0 else int(grid[c, j - 1])
+            hi = int(grid[c, j])
+            ch = checks[c][(checks[c] > lo) & (checks[c] <= hi)]
+            taps = torch.as_tensor(order[c, lo:hi])
+            w = torch.as_tensor(wflat[c, order[c, lo:hi]], dtype=xt.dtype)
+            rows = torch.as_tensor(ch - lo - 1)
+            chk = torch.as_tensor(ch)
+            sel = torch.nonzero(cross_cf[c] & (level[c] == j)).flatten()
+            block = max(1, _BLOCK // max(1, len(taps)))
+            for s in range(0, sel.shape[0], block):
+                rs = sel[s:s + block]
+                terms = flat.index_select(0, rs).index_select(1, taps)          # (k, seg)
+                run = torch.cumsum(terms * w, dim=1).index_select(1, rows)
+                run += lo_ps[c].index_select(0, rs)[:, None]
+                first = torch.argmax((run <= 0).to(torch.uint8), dim=1)
+                e_cf[c].index_copy_(0, rs, chk.index_select(0, first))
+    return e_cf.view(cout, n, *crossing.shape[2:]).transpose(0, 1)

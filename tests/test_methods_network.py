@@ -1,0 +1,120 @@
+"""The methods on the example network (lenet, real MNIST), checked by golden execution.
+
+Small budgets: a few dozen to a few hundred images and short option ladders.
+"""
+
+import numpy as np
+import pytest
+
+from skipconv.sw import data, export, golden, zoo
+from skipconv.sw.layer import load, save
+from skipconv.sw.methods import joint, perforation, snapea, velcro, zero_pred
+from skipconv.sw.methods.common import NetEval, golden_eval
+from skipconv.sw.methods.emulate import emulate
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    model = zoo.get_model("lenet", progress=False)
+    splits = data.mnist_split()
+    net = export.export(model, splits["calib"].x, spec={"zoo": "lenet"})
+    return model, net, splits
+
+
+def _ev(net, split, n):
+    return NetEval(net, split.x[:n].numpy(), split.y[:n].numpy())
+
+
+def _plans(model, net, splits):
+    ev = _ev(net, splits["calib"], 80)
+    yield "snapea", snapea.optimize(ev, 0.02, tolerances=(0.0, 0.02, 0.08), progress=False)
+    yield "zero_pred", zero_pred.optimize(ev, 0.02, mode="uniform_filter", p=2,
+                                          ones_range=(1, 2), gt=3, max_patterns=3, top_m=2,
+                                          progress=False)
+    pre, val = ev.subset(np.arange(30)), ev.subset(np.arange(30, 80))
+    yield "velcro", velcro.optimize(pre, val, 0.0, step=0.2, max_rounds=3, progress=False)[0]
+    yield "perforation", perforation.optimize(ev, 0.02, mask="impact", model=model,
+                                              rates=(0.25, 0.5), impact_images=40,
+                                              progress=False)
+
+
+def test_each_methods_packages_load_validate_and_run_on_golden(lenet, tmp_path):
+    model, net, splits = lenet
+    x_ins = net.layer_inputs(splits["test"].x[:3])
+    seen = set()
+    for name, plan in _plans(model, net, splits):
+        assert plan, f"{name}: the search configured no layer"
+        for i, L in plan.items():
+            path = tmp_path / name / f"{i:02d}.npz"
+            save(path, L)
+            back = load(path)
+            back.validate(g=1)
+            seen |= back.features
+            r = golden.run(back, x_ins[i])
+            assert np.array_equal(r.out, emulate(L, x_ins[i]).out)
+            assert r.dense == r.performed + r.velcro + r.perforation + r.zero_pred + r.early_term
+    assert seen == {"early_term", "zero_pred", "velcro", "perforation"}
+
+
+def test_exact_snapea_changes_no_output_of_the_network(lenet):
+    _, net, splits = lenet
+    x, y = splits["test"].x[:40].numpy(), splits["test"].y[:40].numpy()
+    plan = {i: snapea.exact(L) for i, L in enumerate(net.layers) if not L.act_signed}
+    assert len(plan) == len(net.layers) - 1             # all but the signed first layer
+    dense = golden_eval(net, {}, x, y, progress=False)
+    exact = golden_eval(net, plan, x, y, progress=False)
+    assert np.array_equal(dense.pred, exact.pred) and dense.nll == exact.nll
+    for i in plan:
+        assert exact.layers[i]["early_term"] > 0
+    inputs = net.layer_inputs(x[:5])
+    for i, L in plan.items():
+        assert np.array_equal(golden.run(L, inputs[i]).out, golden.run(net.layers[i], inputs[i]).out)
+
+
+def test_velcro_C_formula_equals_golden_skipped_macs(lenet):
+    _, net, splits = lenet
+    ev = _ev(net, splits["calib"], 60)
+    bv = velcro.variance_tensors(ev)
+    T = (0.0, 0.33, 0.17)
+    plan = {k: velcro.apply(net.layers[k], *bv[k], t) for k, t in enumerate(T) if t}
+    r = golden_eval(net, plan, splits["test"].x[:10].numpy(), splits["test"].y[:10].numpy(),
+                    progress=False)
+    tot = r.total
+    C = velcro.compression_saving_ratio(T, net.layers)
+    assert tot["velcro"] > 0
+    assert C == pytest.approx(tot["velcro"] / tot["dense"], abs=1e-12)
+    # The realized thresholds are the asked ones up to one element per layer.
+    for t, tr, L in zip(T, velcro.realized_thresholds(T, net.layers), net.layers):
+        assert abs(t - tr) <= 1 / np.prod(L.out_shape)
+
+
+def test_diagonal_zero_prediction_reproduces_the_papers_trend(lenet):
+    """Larger windows: more activations predicted per window, fewer windows predicted,
+    and a larger share of false predictions (Shomron & Weiser 2018, Sec. 2.3 / Fig. 5)."""
+    _, net, splits = lenet
+    ev = _ev(net, splits["calib"], 120)
+    st = {p: zero_pred.prediction_stats(ev, {i: zero_pred.diagonal(L, p)
+                                             for i, L in enumerate(net.layers)})
+          for p in (2, 3, 4, 5)}
+    per_window = [st[p].predicted_per_window for p in (2, 3, 4, 5)]
+    window_rate = [st[p].window_rate for p in (2, 3, 4, 5)]
+    assert all(a < b for a, b in zip(per_window, per_window[1:]))
+    assert all(a > b for a, b in zip(window_rate, window_rate[1:]))
+    assert st[3].false_rate > st[2].false_rate
+    assert max(st[4].false_rate, st[5].false_rate) > st[3].false_rate
+    assert all(st[p].mac_reduction > 0 for p in st)
+
+
+def test_joint_configuration_respects_eps_on_the_test_split(lenet):
+    model, net, splits = lenet
+    eps = 0.01
+    ev = _ev(net, splits["calib"], 250)
+    lad = joint.build_ladders(ev, model=model, zp_windows=(2, 3), velcro_steps=(0.1, 0.2, 0.3),
+                              perf_rates=(0.2, 0.4), tolerances=(0.0, 0.01, 0.04))
+    res = joint.optimize(ev, eps, ladders=lad, max_jump=1, max_rounds=6, progress=False)
+    used = set().union(*(L.features for L in res.plan.values()))
+    assert len(used) >= 2, used
+    verdict = joint.check(net, res.plan, splits["test"].x[:400].numpy(),
+                          splits["test"].y[:400].numpy(), eps, progress=False)
+    assert verdict["mac_reduction"] > 0.2
+    assert verdict["within_eps"], verdict["drop"]
