@@ -1,0 +1,89 @@
+# amaranth: UnusedElaboratable=no
+"""Whole-engine layers in the Amaranth simulator, bit-exact against the golden model."""
+
+import numpy as np
+import pytest
+
+from skipconv.hw.amaranth_sim import run_messages
+from skipconv.sim.bench.malformed import malformed_cases
+from skipconv.sw import golden
+from skipconv.sw import protocol as P
+from skipconv.sw.config import FEATURES, EngineConfig
+from skipconv.sw.randlayer import random_input, random_layer
+
+SMALL = dict(max_taps=64, max_ifmap=512, max_cout=4, max_ofmap=512, max_k=3, max_p=2)
+ALL = frozenset(FEATURES)
+
+# (name, config changes, layer keywords, stall probability)
+LAYERS = [
+    ("dense g1", dict(lanes=2, features=frozenset()), dict(features=[]), 0.0),
+    ("zero_pred+exact ET+velcro g1", dict(lanes=2), dict(features=["zero_pred", "early_term",
+                                                                   "velcro"]), 0.0),
+    ("perforation+ET+velcro g2 bus64 stalls", dict(lanes=3, g=2, bus_bits=64),
+     dict(features=["perforation", "early_term", "velcro"]), 0.25),
+    ("zero_pred+predictive ET g2 signed input", dict(lanes=2, g=2),
+     dict(features=["zero_pred", "early_term"], et="predictive", act_signed=True), 0.0),
+    ("stride 2 raw output, zero_pred", dict(lanes=2), dict(features=["zero_pred", "velcro"],
+                                                           stride=2, h=9, w=8, raw=True), 0.0),
+]
+
+
+def _run_and_compare(cfg, layer, x, stall=0.0, seed=0):
+    res = run_messages(cfg, P.encode_commands(layer, x, cfg, trace=cfg.trace), stall=stall,
+                       seed=seed)
+    gold = golden.run(layer, x, cfg.g)
+    out = P.decode_ofmap(res[-3 if cfg.trace else -2], layer)
+    counters = P.decode_counters(res[-1])
+    np.testing.assert_array_equal(out, gold.out)
+    if cfg.trace:
+        np.testing.assert_array_equal(P.decode_trace(res[-2], layer), gold.macs)
+    for name, value in gold.accounting().items():
+        assert counters[name] == value, name
+    assert counters["positions"] == gold.positions
+    assert counters["cycles"] > 0
+    return counters
+
+
+@pytest.mark.parametrize("name,changes,kw,stall", LAYERS, ids=[c[0] for c in LAYERS])
+def test_layer_matches_golden(name, changes, kw, stall):
+    cfg = EngineConfig(**SMALL, features=ALL).replace(**changes)
+    rng = np.random.default_rng(sum(map(ord, name)))
+    kw = dict(dict(cin=2, cout=3, h=6, w=5, k=3, g=cfg.g), **kw)
+    layer = random_layer(rng, **kw)
+    x = random_input(rng, layer.in_shape, signed=layer.act_signed)
+    _run_and_compare(cfg, layer, x, stall=stall)
+
+
+def test_dense_layer_keeps_every_lane_busy():
+    """Cout < lanes and a short row: the dense engine still runs at >= 85% MAC utilization."""
+    cfg = EngineConfig(**SMALL, lanes=4, features=frozenset(), trace=False)
+    rng = np.random.default_rng(5)
+    layer = random_layer(rng, cin=3, cout=2, h=8, w=8, k=3, features=[])
+    x = random_input(rng, layer.in_shape)
+    counters = _run_and_compare(cfg, layer, x)
+    assert layer.dense_macs / (counters["cycles"] * cfg.lanes) >= 0.85
+
+
+def test_malformed_commands_answered_like_the_protocol_model():
+    """Every malformed case of the catalogue, back to back in one run, then a correct layer."""
+    cfg = EngineConfig(**SMALL, lanes=1)
+    cases = malformed_cases(cfg, seed=3)
+    assert len(cases) >= 50
+    responder = P.GoldenResponder(cfg)
+    chunks, expected = [], []
+    for case in cases:
+        expected += case.responder_replies(cfg, responder)
+        chunks += case.chunks
+    rng = np.random.default_rng(9)
+    layer = random_layer(rng, cin=2, cout=2, h=5, w=5, k=3, features=["velcro", "early_term"])
+    x = random_input(rng, layer.in_shape)
+    for msg in P.encode_commands(layer, x, cfg, trace=True):
+        chunks.append((msg, True))
+        expected += responder.feed_message(msg)
+    got = run_messages(cfg, None, chunks=chunks, replies=len(expected))
+    assert [m.type for m in got] == [m.type for m in expected]
+    errors = [(m.body[0], m.body[1]) for m in got if m.type == P.Res.ERROR]
+    assert errors == [(m.body[0], m.body[1]) for m in expected if m.type == P.Res.ERROR]
+    assert len(errors) >= 50
+    np.testing.assert_array_equal(P.decode_ofmap(got[-3], layer),
+                                  golden.run(layer, x, cfg.g).out)
