@@ -136,9 +136,12 @@ class SerialTransport(Transport):
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def _pump(self, deadline: float) -> bool:
-        """Read what has arrived (waiting at most until ``deadline``); return whether any did."""
-        data = self._port.read(4096)
+    def _pump(self) -> bool:
+        """Read what has arrived (waiting at most the port's read timeout); whether any did."""
+        # Ask for what is waiting (at least one byte): read() returns as soon as it has it,
+        # instead of sitting out the port's timeout for a full buffer.
+        waiting = getattr(self._port, "in_waiting", None)
+        data = self._port.read(max(1, waiting) if waiting is not None else 4096)
         now = time.monotonic()
         events = self._parser.feed(data or b"", now)
         for ev in events:
@@ -168,7 +171,7 @@ class SerialTransport(Transport):
                                     "replies to this command were dropped: run the layer again")
             if self._messages:
                 return self._messages.popleft()
-            if self._pump(last_byte + timeout):
+            if self._pump():
                 last_byte = time.monotonic()
             elif time.monotonic() - last_byte > timeout:
                 raise LinkTimeout(f"{self.peer}: no result within {timeout} s "
@@ -222,7 +225,7 @@ class SerialTransport(Transport):
                 if ack.seq == seq:
                     return ack
                 # An ACK/NAK for an older frame (a duplicate): ignore it.
-            if self._pump(last_byte + self.timeout):
+            if self._pump():
                 last_byte = time.monotonic()
             elif time.monotonic() - last_byte > self.timeout:
                 return None
