@@ -50,12 +50,12 @@ def run(args) -> int:
     import json
     import sys
 
-    from .methods.executor import default_executor
-    from .methods.run import optimize_model
-
     if not 0 <= args.eps < 100:
         print(f"skipconv optimize: --eps {args.eps}: must be in 0..100 points", file=sys.stderr)
         return 2
+
+    from .methods.executor import default_executor
+    from .methods.run import optimize_model
     options = {"mode": args.mode, "p": args.p, "gt": args.gt, "mask": args.mask}
     if args.ones_range:
         lo, hi = (int(v) for v in args.ones_range.split(","))

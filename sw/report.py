@@ -212,9 +212,12 @@ def write_report(root) -> dict:
                 for row, name in ((0, "dense"), (1, "conf")):
                     o = st[f"ofmap_{name}_{k}"]                     # (C, H, W)
                     c = min(o.shape[0], 8)
-                    tiles = (o[:c] != 0).astype(float)
-                    grid = np.concatenate([np.pad(t, 1, constant_values=0.5) for t in tiles],
-                                          axis=1)
+                    tiles = [np.pad((t != 0).astype(float), 1, constant_values=0.5)
+                             for t in o[:c]]
+                    tiles += [np.full_like(tiles[0], 0.5)] * (-len(tiles) % 4)
+                    rows_ = [np.concatenate(tiles[r:r + 4], axis=1)
+                             for r in range(0, len(tiles), 4)]
+                    grid = np.concatenate(rows_, axis=0)            # channels, 4 per row
                     axes[row][k + 1].imshow(grid, cmap="gray", vmin=0, vmax=1)
                     frac = float((o == 0).mean())
                     axes[row][k + 1].set_title(
