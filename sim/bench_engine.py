@@ -184,7 +184,8 @@ def run_on_engine(config, items, *, sim="verilator", progress=True, label="",
                                          tag=f"{name}#{k}"))
     say(f"{label}: {len(items)} layers, {len(steps)} engine passes on {sim}")
     t0 = time.monotonic()
-    out = runner.run_bench(build, "skipconv.sim.bench.tb_engine", jobs.job(steps))
+    out = runner.run_bench(build, "skipconv.sim.bench.tb_engine", jobs.job(steps),
+                           progress=label if progress else None)
     say(f"{label}: {out['sim_cycles']:,} cycles simulated in {time.monotonic() - t0:.0f} s")
     results, i = [], 0
     for layer, tiles in plan:

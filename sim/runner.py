@@ -264,12 +264,14 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def run_bench(sim_build: SimBuild, test_module: str, job, *, seed: int = 0,
-              waves: bool = False, workdir: Path | None = None, quiet: bool = True):
+              waves: bool = False, workdir: Path | None = None, quiet: bool = True,
+              progress: str | None = None):
     """Run the cocotb test module ``test_module`` on ``sim_build`` with ``job``; return its output.
 
     ``job`` is any picklable object; the bench reads it with :func:`load_job` and answers with
     :func:`save_output`. One simulator process runs the whole job (cocotb starts once). The
     bench's log goes to ``sim.log`` in the work folder (kept on failure and quoted).
+    ``progress`` (a label) shows a progress bar fed by the bench's :func:`report_progress`.
     """
     from cocotb_tools.check_results import get_results
     from cocotb_tools.runner import get_runner
@@ -286,10 +288,13 @@ def run_bench(sim_build: SimBuild, test_module: str, job, *, seed: int = 0,
     logfile = work / "sim.log"
     results = work / "results.xml"
     runner = get_runner(sim_build.sim)
+    progress_path = work / "progress"
     env = {"SKIPCONV_SIM_JOB": str(job_path), "SKIPCONV_SIM_OUT": str(out_path),
+           "SKIPCONV_SIM_PROGRESS": str(progress_path),
            "COCOTB_LOG_LEVEL": os.environ.get("COCOTB_LOG_LEVEL", "WARNING" if quiet else "INFO")}
     # The runner exits the process under pytest on failure; hide that and raise SimError.
     saved = os.environ.pop("PYTEST_CURRENT_TEST", None)
+    watcher = _ProgressWatcher(progress_path, progress) if progress else None
     try:
         runner.test(test_module=test_module, hdl_toplevel=TOPLEVEL, hdl_toplevel_lang="verilog",
                     build_dir=sim_build.build_dir,
@@ -299,6 +304,8 @@ def run_bench(sim_build: SimBuild, test_module: str, job, *, seed: int = 0,
     except (RuntimeError, SystemExit) as e:
         raise SimError(f"simulation failed ({e!r}); log {logfile}:\n{_tail(logfile)}") from None
     finally:
+        if watcher:
+            watcher.stop()
         if saved is not None:
             os.environ["PYTEST_CURRENT_TEST"] = saved
     if failed or not out_path.exists():
@@ -309,7 +316,42 @@ def run_bench(sim_build: SimBuild, test_module: str, job, *, seed: int = 0,
     return output
 
 
+class _ProgressWatcher:
+    """A tqdm bar following the ``done/total`` the bench writes to its progress file."""
+
+    def __init__(self, path: Path, label: str):
+        import threading
+        from tqdm import tqdm
+        self._path, self._stop = path, threading.Event()
+        self._bar = tqdm(desc=label, unit="step", leave=False, file=sys.stderr)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.5):
+            try:
+                done, total = (int(v) for v in self._path.read_text().split("/"))
+            except (OSError, ValueError):
+                continue
+            self._bar.total = total
+            self._bar.n = done
+            self._bar.refresh()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        self._bar.close()
+
+
 # -- the bench side ------------------------------------------------------------------------------
+
+def report_progress(done: int, total: int) -> None:
+    """Inside a cocotb bench: tell :func:`run_bench`'s progress bar how far the job is."""
+    path = os.environ.get("SKIPCONV_SIM_PROGRESS")
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(f"{done}/{total}")
+
 
 def load_job():
     """Inside a cocotb bench: ``(config, job)`` as passed to :func:`run_bench`."""

@@ -164,7 +164,8 @@ async def run(dut):
     await tb.reset()
     wall0, cyc0 = time.perf_counter(), tb.cycles()
     steps = []
-    for step in job["steps"]:
+    for k, step in enumerate(job["steps"]):
+        runner.report_progress(k, len(job["steps"]))
         if step["op"] == "commands":
             steps.append(await tb.step_commands(step))
         elif step["op"] == "reset":
