@@ -105,7 +105,7 @@ def _plan(ev, lad, states) -> dict:
 def _joint_task(ctx, states):
     ev, lad = ctx
     r = ev.run(_plan(ev, lad, states))
-    return r.acc, r.nll, r.saved
+    return ev.guarded_acc(r), r.nll, r.saved
 
 
 @dataclass

@@ -202,7 +202,7 @@ def impacts(model, layers, x, y, perforated: dict | None = None, batch: int = 25
 def _perf_task(ctx, plan):
     ev = ctx
     r = ev.run(plan)
-    return r.acc, r.nll, r.total["performed"]
+    return ev.guarded_acc(r), r.nll, r.total["performed"]
 
 
 def _pool_after(layer: Layer):
@@ -268,7 +268,7 @@ def optimize(ev: NetEval, eps: float, *, mask: str = "impact", model=None, layer
         res = executor.map(_perf_task, ev, [c[2] for c in cands])
         best = None
         for (i, m, cplan), (acc, nll, t_n) in zip(cands, res):
-            if b0.acc - acc > eps:
+            if ev.base.acc - acc > eps:
                 continue
             cost = (nll - nll0) / max(t0 - t_n, 1)
             if best is None or cost < best[0]:

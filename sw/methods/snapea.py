@@ -189,7 +189,7 @@ def layer_rungs(layer: Layer, profile: KernelProfile, tolerances=TOLERANCES) -> 
 
 def _eval_task(ev: NetEval, plan: dict):
     r = ev.run(plan)
-    return r.acc, r.nll, r.saved
+    return ev.guarded_acc(r), r.nll, r.saved
 
 
 def optimize(ev: NetEval, eps: float, *, layers=None, executor: Executor | None = None,
@@ -228,7 +228,7 @@ def optimize(ev: NetEval, eps: float, *, layers=None, executor: Executor | None 
         plan = dict(floor_plan)
         plan.update({i: rungs[i][k][1] for i, k in level.items() if k is not None})
         r = ev.run(plan)
-        if base.acc - r.acc <= eps:
+        if base.acc - ev.guarded_acc(r) <= eps:
             break
         # Step back the layer whose current rung costs the most accuracy per saved MAC.
         worst, worst_cost = None, -1.0

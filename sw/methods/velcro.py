@@ -122,7 +122,7 @@ def _velcro_task(ctx, T):
     ev, base_plan, bv = ctx
     plan = _plan(ev, base_plan, bv, T)
     r = ev.run(plan)
-    return r.acc, r.nll
+    return ev.guarded_acc(r), r.nll
 
 
 def _plan(ev, base_plan, bv, T) -> dict:

@@ -265,7 +265,7 @@ def _plan_of(ev, base_plan, choice, p, pats) -> dict:
 def _zp_task(ctx, choice):
     ev, base_plan, p, pats, base_saved = ctx
     r = ev.run(_plan_of(ev, base_plan, choice, p, pats))
-    return r.saved - base_saved, r.acc, r.nll
+    return r.saved - base_saved, ev.guarded_acc(r), r.nll
 
 
 def _targets(ev, layers, mode, p, gt):
@@ -323,7 +323,7 @@ def optimize(ev: NetEval, eps: float, *, mode: str = "uniform_layer", p: int = 2
 
     def evaluate(choices):
         res = executor.map(_zp_task, ctx, choices)
-        return [_Record(ch, s, b.acc - a, nll) for ch, (s, a, nll) in zip(choices, res)]
+        return [_Record(ch, s, ev.base.acc - a, nll) for ch, (s, a, nll) in zip(choices, res)]
 
     # First level: every target with every pattern, alone.
     targets = _targets(ev, layers, mode, p, gt)
