@@ -15,18 +15,19 @@ import importlib
 import pkgutil
 import sys
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "discover"]
 
 _PACKAGES = ("skipconv.sw", "skipconv.hw", "skipconv.sim", "skipconv.boards")
 
 
-def _command_modules():
+def discover(prefix: str) -> dict:
+    """Map ``name`` to the module path of every ``<prefix><name>.py`` in skipconv's packages."""
     found = {}
     for pkg_name in _PACKAGES:
         pkg = importlib.import_module(pkg_name)
         for info in pkgutil.iter_modules(pkg.__path__):
-            if info.name.startswith("cmd_"):
-                found[info.name[4:]] = f"{pkg_name}.{info.name}"
+            if info.name.startswith(prefix):
+                found[info.name[len(prefix):]] = f"{pkg_name}.{info.name}"
     return dict(sorted(found.items()))
 
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="skipconv",
         description="Generate, simulate and drive conv2d+ReLU engines that skip work.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, mod_name in _command_modules().items():
+    for name, mod_name in discover("cmd_").items():
         mod = importlib.import_module(mod_name)
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)

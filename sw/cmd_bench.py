@@ -8,21 +8,15 @@ from __future__ import annotations
 
 import importlib
 import json
-import pkgutil
+
+from .cli import discover
 
 HELP = "run a benchmark (golden, engine, offload, methods, boards) and print its figures"
 
-_PACKAGES = ("skipconv.sw", "skipconv.hw", "skipconv.sim", "skipconv.boards")
-
 
 def targets() -> dict:
-    found = {}
-    for pkg_name in _PACKAGES:
-        pkg = importlib.import_module(pkg_name)
-        for info in pkgutil.iter_modules(pkg.__path__):
-            if info.name.startswith("bench_"):
-                found[info.name[6:]] = f"{pkg_name}.{info.name}"
-    return dict(sorted(found.items()))
+    """Benchmark name -> module path, for every ``bench_<name>.py``."""
+    return discover("bench_")
 
 
 def add_arguments(parser):
