@@ -43,11 +43,16 @@ TIMESCALE = ("1ns", "1ps")
 #: (the lint verdict is ``skipconv generate``'s business, not the simulator's).
 VERILATOR_ARGS = ("-O3", "--x-assign", "fast", "--x-initial", "0", "-Wno-fatal", "-Wno-lint",
                   "-Wno-style", "-Wno-UNOPTFLAT")
-#: C++ optimization: the per-cycle code at -O1, the one-time construction code at -O0 (these
-#: files are most of the compile time and none of the run time).
-MAKE_VARS = ("OPT_FAST=-O1", "OPT_SLOW=-O0", "OPT_GLOBAL=-O1",
-             # The wheel's verilated.mk leaves this empty, which breaks multi-file models.
-             "CFG_CXXFLAGS_PCH_I=-include")
+#: C++ optimization of the per-cycle code: "-O1" by default (tests: short runs, compile time
+#: matters); benchmarks ask for more. The one-time construction code is always -O0 (most of
+#: the compile time, none of the run time).
+DEFAULT_OPT = "-O1"
+
+
+def _make_vars(opt: str) -> tuple:
+    return (f"OPT_FAST={opt}", "OPT_SLOW=-O0", f"OPT_GLOBAL={opt}",
+            # The wheel's verilated.mk leaves this empty, which breaks multi-file models.
+            "CFG_CXXFLAGS_PCH_I=-include")
 #: The only signals cocotb touches: the top-level ports (docs/protocol.md).
 PORTS = ("clk", "rst", "s_axis_tdata", "s_axis_tvalid", "s_axis_tready", "s_axis_tlast",
          "m_axis_tdata", "m_axis_tvalid", "m_axis_tready", "m_axis_tlast", "busy", "error")
@@ -139,12 +144,15 @@ def verilog_for(config: EngineConfig) -> Path:
 
 
 def build(config: EngineConfig, sim: str = "verilator", *, waves: bool = False,
-          verilog: Path | None = None, log=None) -> SimBuild:
+          verilog: Path | None = None, log=None, opt: str = DEFAULT_OPT) -> SimBuild:
     """Build (or find in the cache) the simulator for ``config``.
 
     ``verilog`` overrides the generated source (for debugging a hand-edited file). ``waves``
     builds with tracing (a separate cache entry). ``log`` is a callable for progress lines.
+    ``opt`` is the C++ optimization of the model's per-cycle code (Verilator only).
     """
+    if opt not in ("-O0", "-O1", "-O2", "-O3"):
+        raise SimError(f"opt = {opt!r}: choose -O0, -O1, -O2 or -O3")
     if sim not in SIMULATORS:
         raise SimError(f"--sim {sim!r}: choose one of {', '.join(SIMULATORS)}")
     if sim not in available_simulators():
@@ -153,7 +161,7 @@ def build(config: EngineConfig, sim: str = "verilator", *, waves: bool = False,
     if sim == "verilator":
         _verilator_env()
     src = Path(verilog) if verilog is not None else verilog_for(config)
-    flavor = hashlib.sha256(repr((VERILATOR_ARGS, MAKE_VARS, PORTS, TIMESCALE)).encode())
+    flavor = hashlib.sha256(repr((VERILATOR_ARGS, _make_vars(opt), PORTS, TIMESCALE)).encode())
     key = (f"{config.key}-{sim}-{_file_hash(src)}-{flavor.hexdigest()[:6]}"
            + ("-waves" if waves else ""))
     build_dir = cache_dir("sim", "build", key)
@@ -163,7 +171,7 @@ def build(config: EngineConfig, sim: str = "verilator", *, waves: bool = False,
             if log:
                 log(f"building {sim} model of engine {config.key} in {build_dir}")
             t0 = time.monotonic()
-            _run_build(sim, src, build_dir, waves)
+            _run_build(sim, src, build_dir, waves, opt)
             done.write_text(json.dumps({"config": config.to_dict(), "sim": sim,
                                         "seconds": round(time.monotonic() - t0, 1)}))
     return SimBuild(config, sim, build_dir, src)
@@ -228,7 +236,7 @@ def _verilator_runner():
     return PortsOnlyVerilator()
 
 
-def _run_build(sim, src: Path, build_dir: Path, waves: bool):
+def _run_build(sim, src: Path, build_dir: Path, waves: bool, opt: str = DEFAULT_OPT):
     from cocotb_tools.runner import get_runner
     logfile = build_dir / "build.log"
     sources = [src]
@@ -244,7 +252,7 @@ def _run_build(sim, src: Path, build_dir: Path, waves: bool):
     # Variables in MAKEFLAGS act like command-line assignments for the runner's `make`.
     saved = os.environ.get("MAKEFLAGS")
     if sim == "verilator":
-        os.environ["MAKEFLAGS"] = " ".join(([saved] if saved else []) + list(MAKE_VARS))
+        os.environ["MAKEFLAGS"] = " ".join(([saved] if saved else []) + list(_make_vars(opt)))
     try:
         runner.build(**kwargs)
     except (RuntimeError, SystemExit) as e:

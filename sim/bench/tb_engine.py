@@ -162,7 +162,7 @@ async def run(dut):
     dut.m_axis_tready.value = 0
     tb = EngineTestbench(dut, config)
     await tb.reset()
-    wall0, cyc0 = time.perf_counter(), tb.cycles()
+    wall0, cpu0, cyc0 = time.perf_counter(), time.process_time(), tb.cycles()
     steps = []
     for k, step in enumerate(job["steps"]):
         runner.report_progress(k, len(job["steps"]))
@@ -183,6 +183,7 @@ async def run(dut):
         "errors": [e for s in steps for e in s["errors"]] + tb.results.errors + tail,
         "sim_cycles": tb.cycles() - cyc0,
         "wall_s": time.perf_counter() - wall0,
+        "cpu_s": time.process_time() - cpu0,     # the simulator process (model + Python)
         "checked": tb.checker.checked,
     }
     runner.save_output(output)
