@@ -100,3 +100,24 @@ class HwParams:
         self.value_bits = 31                            # raw outputs saturate at int32 max
         self.prod_bits = c.act_bits + 1 + c.weight_bits
         self.words_per_beat = c.bus_bits // 32
+
+    def memory_bits(self) -> dict:
+        """Bits of every memory of the engine (replicas counted), by memory name."""
+        from .layouts import kind_layout, ofmap_layout, param_layout, plan_layout, weight_layout
+        c = self.config
+        lanes, g = c.lanes, c.g
+        bits = {
+            "weights (per-PE replicas)": lanes * self.rows * g * weight_layout(self).size,
+            "ifmap (per-PE, per-read-port replicas)": lanes * g * c.max_ifmap * c.act_bits,
+            "tap table": c.max_taps * weight_layout(self).size,
+            "channel parameters": c.max_cout * param_layout(self).size,
+            "ofmap buffer": c.max_ofmap * ofmap_layout(self).size,
+        }
+        if self.plan:
+            bits["plan kinds (per-PE replicas)"] = lanes * c.max_ofmap * kind_layout().size
+            bits["plan"] = c.max_ofmap * plan_layout().size
+        if c.has("perforation"):
+            bits["NN table"] = c.max_ofmap * self.ofa_bits
+        if c.has("zero_pred"):
+            bits["window flags"] = c.max_ofmap
+        return bits
