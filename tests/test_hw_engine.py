@@ -87,3 +87,69 @@ def test_malformed_commands_answered_like_the_protocol_model():
     assert len(errors) >= 50
     np.testing.assert_array_equal(P.decode_ofmap(got[-3], layer),
                                   golden.run(layer, x, cfg.g).out)
+
+
+def test_reset_in_the_middle_of_a_layer():
+    """``rst`` while a layer runs: nothing half-done survives, the next layer is exact."""
+    from amaranth import ClockDomain, Module, ResetSignal, Signal
+    from amaranth.sim import DomainReset, Simulator
+
+    from skipconv.hw.engine import Engine
+    cfg = EngineConfig(**SMALL, lanes=2)
+    rng = np.random.default_rng(4)
+    first = random_layer(rng, cin=2, cout=3, h=6, w=6, k=3,
+                         features=["zero_pred", "early_term", "velcro"])
+    x1 = random_input(rng, first.in_shape)
+    second = random_layer(rng, cin=2, cout=2, h=5, w=6, k=3, features=["velcro", "early_term"])
+    x2 = random_input(rng, second.in_shape)
+    dut = Engine(cfg)
+    top = Module()
+    top.domains.sync = ClockDomain()
+    top.submodules.engine = dut
+    rst = Signal()
+    top.d.comb += ResetSignal("sync").eq(rst)
+    got = []
+    parser = P.ResultParser(cfg)
+    state = {"busy_at_reset": None}
+
+    async def send(ctx, msgs):
+        for msg in msgs:
+            for data, last in P.beats(msg, cfg):
+                ctx.set(dut.s_axis_tdata, data)
+                ctx.set(dut.s_axis_tlast, int(last))
+                ctx.set(dut.s_axis_tvalid, 1)
+                await ctx.tick().until(dut.s_axis_tready)
+                ctx.set(dut.s_axis_tvalid, 0)
+
+    async def bench(ctx):
+        await send(ctx, P.encode_commands(first, x1, cfg, trace=True))
+        await ctx.tick().repeat(60)
+        state["busy_at_reset"] = ctx.get(dut.busy)
+        ctx.set(rst, 1)
+        await ctx.tick()
+        ctx.set(rst, 0)
+        state["words_before"] = len(got)
+        await send(ctx, P.encode_commands(second, x2, cfg, trace=True))
+        while len(got) < 9:
+            await ctx.tick()
+
+    async def receive(ctx):
+        ctx.set(dut.m_axis_tready, 1)
+        while True:
+            try:
+                _, _, valid, data = await ctx.tick().sample(dut.m_axis_tvalid, dut.m_axis_tdata)
+            except DomainReset:
+                continue
+            if valid:
+                got.extend(parser.feed_words([data]))
+
+    sim = Simulator(top)
+    sim.add_clock(1e-8)
+    sim.add_testbench(receive, background=True)
+    sim.add_testbench(bench)
+    sim.run_until(5e-4)
+    assert state["busy_at_reset"] == 1
+    assert [m.name for m in got] == ["OK"] * 6 + ["OFMAP", "TRACE", "COUNTERS"]
+    gold = golden.run(second, x2, cfg.g)
+    np.testing.assert_array_equal(P.decode_ofmap(got[-3], second), gold.out)
+    assert P.decode_counters(got[-1])["performed"] == gold.performed
