@@ -59,3 +59,9 @@ def test_demo_golden_smoke(tmp_path, capsys):
     t = summary["totals"]
     assert t["performed"] < t["dense"]                    # the configuration skips work
     assert (out / "report.md").is_file() and (out / "savings_by_reason.png").is_file()
+
+
+def test_emulate_opens_a_pty_and_stops(capsys):
+    assert main(["emulate", "--seconds", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "emulated board on /dev/" in out and "served; 0 NAK(s)" in out

@@ -140,3 +140,17 @@ def test_whole_layer_is_one_untouched_tile():
     layer = random_layer(rng, features=("zero_pred",))
     tiles = tiling.plan_tiles(layer, EngineConfig())
     assert len(tiles) == 1 and tiles[0].layer is layer and tiles[0].whole_rows
+
+
+def test_tiled_with_two_macs_per_step():
+    """g = 2: early-termination check points are per position, so tiling keeps them."""
+    rng = np.random.default_rng(8)
+    for feats in [("early_term", "zero_pred", "velcro"), ("early_term", "perforation")]:
+        layer = random_layer(rng, cin=3, cout=6, h=11, w=9, k=3, pad=1, features=feats,
+                             et="predictive", g=2, p=2, perf_frac=0.2)
+        x = random_input(rng, layer.in_shape)
+        config = EngineConfig(g=2, max_ifmap=3 * 5 * 11, max_ofmap=3 * 2 * 9, max_cout=4)
+        tiles = tiling.plan_tiles(layer, config)
+        assert len(tiles) > 4
+        _assert_same(golden.run(layer, x, g=2), GoldenDevice(config).run(layer, x))
+        _assert_same(golden.run(layer, x, g=2), open_device("responder", config).run(layer, x))
