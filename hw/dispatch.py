@@ -55,7 +55,6 @@ class Dispatcher(wiring.Component):
         zp = Signal()
         th = Signal(4)
         tw = Signal(4)
-        tws = Signal(16)
         ths = Signal(16)
         thsw = Signal(signed(hp.base_bits + 1))
         thwo = Signal(hp.ofn_bits + 4)
@@ -96,8 +95,7 @@ class Dispatcher(wiring.Component):
                 ]
                 m.next = "SETUP2"
             with m.State("SETUP2"):
-                m.d.sync += [tws.eq(tw * L.stride), ths.eq(th * L.stride),
-                             thwo.eq(th * L.wo)]
+                m.d.sync += [ths.eq(th * L.stride), thwo.eq(th * L.wo)]
                 m.next = "SETUP3"
             with m.State("SETUP3"):
                 m.d.sync += thsw.eq(ths * L.w)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth import signed, unsigned
+from amaranth import signed
 from amaranth.lib import data
 
 from .params import HwParams

@@ -10,7 +10,7 @@ starts and set only when it completed, so no partial layer can ever run.
 
 from __future__ import annotations
 
-from amaranth import Cat, Const, Module, Mux, Signal, signed
+from amaranth import Module, Mux, Signal, signed
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -95,7 +95,6 @@ class Loader(wiring.Component):
         m.submodules.div_h = div_h = Divider(18)
         m.submodules.div_w = div_w = Divider(18)
         m.d.sync += [div_h.start.eq(0), div_w.start.eq(0)]
-        out_neg = Signal()                    # H + 2P < K or W + 2P < K
         settle = Signal(2)
         howo = Signal(32)
         n_out = Signal(48)
@@ -292,15 +291,13 @@ class Loader(wiring.Component):
                     if True:
                         with m.Switch(op):
                             with m.Case(Op.LOAD_LAYER):
-                                self._layer_word(m, hp, data, i, n, L, last, fail, end_of_body,
-                                                 div_h, div_w, out_neg, settle, cin_kk, cin_hw,
-                                                 n_out, howo, b_run, b_t, b_ci, b_ky, b_kx,
-                                                 b_offc, b_offy, b_lim, pc, pc_j, pc_c,
+                                self._layer_word(m, hp, data, i, n, L, fail, div_h, div_w,
+                                                 cin_kk, n_out, howo, b_run, b_t, b_ci, b_ky,
+                                                 b_kx, b_offc, b_offy, b_lim, pc, pc_j,
                                                  wp_valid, wp_w, wp_row, wp_lane, wc_e,
                                                  wc_lane, wc_row, div_started)
                             with m.Case(Op.LOAD_PLAN):
-                                self._plan_word(m, hp, data, i, n, L, last, fail, end_of_body,
-                                                has_nn, q)
+                                self._plan_word(m, hp, data, i, n, L, fail, has_nn, q)
                             with m.Case(Op.LOAD_IFMAP):
                                 m.d.sync += [up_word.eq(data), up_cnt.eq(per_word)]
                             with m.Case(Op.RUN):
@@ -359,10 +356,9 @@ class Loader(wiring.Component):
 
     # -- LOAD_LAYER body ---------------------------------------------------------------------
 
-    def _layer_word(self, m, hp, data, i, n, L, last, fail, end_of_body, div_h, div_w, out_neg,
-                    settle, cin_kk, cin_hw, n_out, howo, b_run, b_t, b_ci, b_ky, b_kx, b_offc,
-                    b_offy, b_lim, pc, pc_j, pc_c, wp_valid, wp_w, wp_row, wp_lane, wc_e,
-                    wc_lane, wc_row, div_started):
+    def _layer_word(self, m, hp, data, i, n, L, fail, div_h, div_w, cin_kk, n_out, howo,
+                    b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, b_lim, pc, pc_j, wp_valid,
+                    wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, div_started):
         cfg = hp.config
         g = cfg.g
         n_params = 5 + 5 * L.cout
@@ -485,7 +481,7 @@ class Loader(wiring.Component):
 
     # -- LOAD_PLAN body ----------------------------------------------------------------------
 
-    def _plan_word(self, m, hp, data, i, n, L, last, fail, end_of_body, has_nn, q):
+    def _plan_word(self, m, hp, data, i, n, L, fail, has_nn, q):
         cfg = hp.config
         with m.If(i == 0):
             hn = data[0]
