@@ -102,6 +102,14 @@ class Loader(wiring.Component):
                      n_out.eq(L.cout * howo)]
         sizes_ready = Signal()
         div_started = Signal()
+        # Products of a word's own fields, registered while the word waits (no multiplier
+        # chain between the stream and the checks): H*W, Cin*H*W (word 1), Cout*T (word 4).
+        pre = Signal(2)
+        p_hw = Signal(32)
+        p_size = Signal(48)
+        p_ct = Signal(40)
+        m.d.sync += [p_hw.eq(self.words.p.data[0:16] * self.words.p.data[16:32]),
+                     p_size.eq(L.cin * p_hw), p_ct.eq(L.cout * self.words.p.data)]
         with m.If(div_h.done & div_w.done):
             with m.If(settle != 3):
                 m.d.sync += settle.eq(settle + 1)
@@ -120,7 +128,6 @@ class Loader(wiring.Component):
         b_kx = Signal(hp.k_bits)
         b_offc = Signal(32)
         b_offy = Signal(32)
-        b_lim = Signal(hp.tap_bits + 1)
         m.d.comb += [
             tt_w.addr.eq(b_t), tt_w.en.eq(b_run),
             tt_w.data.off.eq(b_offc + b_offy + b_kx), tt_w.data.ky.eq(b_ky),
@@ -128,7 +135,7 @@ class Loader(wiring.Component):
         ]
         with m.If(b_run):
             m.d.sync += b_t.eq(b_t + 1)
-            with m.If(b_t + 1 >= b_lim):
+            with m.If((b_t + 1 >= cfg.max_taps) | ((b_t >= 2) & (b_t + 1 >= cin_kk))):
                 m.d.sync += b_run.eq(0)
             with m.If(b_kx == L.k - 1):
                 m.d.sync += [b_kx.eq(0), b_offy.eq(b_offy + L.w), b_ky.eq(b_ky + 1)]
@@ -252,6 +259,7 @@ class Loader(wiring.Component):
                     with m.Else():
                         m.next = "BODY"
                     m.d.sync += [up_addr.eq(0), q.eq(0), pc_j.eq(0), pc_c.eq(0), div_started.eq(0),
+                                 pre.eq(0),
                                  wc_e.eq(0), wc_lane.eq(0), wc_row.eq(0)]
 
             with m.State("BODY"):
@@ -263,7 +271,11 @@ class Loader(wiring.Component):
                 with m.Switch(op):
                     with m.Case(Op.LOAD_LAYER):
                         n_params = 5 + 5 * L.cout
-                        with m.If(i == 2):
+                        with m.If((i == 1) | (i == 4)):
+                            with m.If(self.words.valid & (pre != 2)):
+                                m.d.sync += pre.eq(pre + 1)
+                            m.d.comb += ready.eq(pre == 2)
+                        with m.Elif(i == 2):
                             # the output size is checked on this word: divide first
                             with m.If(self.words.valid & ~div_started):
                                 k, s, pad = data[0:8], data[8:16], data[16:24]
@@ -287,13 +299,13 @@ class Loader(wiring.Component):
                         m.d.comb += ready.eq(1)
                 m.d.comb += self.words.ready.eq(ready)
                 with m.If(take):
-                    m.d.sync += i.eq(i + 1)
+                    m.d.sync += [i.eq(i + 1), pre.eq(0)]
                     if True:
                         with m.Switch(op):
                             with m.Case(Op.LOAD_LAYER):
                                 self._layer_word(m, hp, data, i, n, L, fail, div_h, div_w,
-                                                 cin_kk, n_out, howo, b_run, b_t, b_ci, b_ky,
-                                                 b_kx, b_offc, b_offy, b_lim, pc, pc_j,
+                                                 cin_kk, n_out, howo, p_size, p_ct, b_run, b_t,
+                                                 b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j,
                                                  wp_valid, wp_w, wp_row, wp_lane, wc_e,
                                                  wc_lane, wc_row, div_started)
                             with m.Case(Op.LOAD_PLAN):
@@ -356,8 +368,8 @@ class Loader(wiring.Component):
 
     # -- LOAD_LAYER body ---------------------------------------------------------------------
 
-    def _layer_word(self, m, hp, data, i, n, L, fail, div_h, div_w, cin_kk, n_out, howo,
-                    b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, b_lim, pc, pc_j, wp_valid,
+    def _layer_word(self, m, hp, data, i, n, L, fail, div_h, div_w, cin_kk, n_out, howo, p_size,
+                    p_ct, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j, wp_valid,
                     wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, div_started):
         cfg = hp.config
         g = cfg.g
@@ -374,8 +386,7 @@ class Loader(wiring.Component):
         with m.Elif(i == 1):
             h, w = data[0:16], data[16:32]
             m.d.sync += [L.h.eq(h), L.w.eq(w)]
-            size = Signal(48)
-            m.d.comb += size.eq(L.cin * h * w)
+            size = p_size
             with m.If(h == 0):
                 fail(Err.BAD_VALUE, h)
             with m.Elif(w == 0):
@@ -389,9 +400,7 @@ class Loader(wiring.Component):
                          L.howo.eq(howo), L.n_out.eq(n_out), div_started.eq(0),
                          # the tap table for this geometry (bounded by the table size)
                          b_run.eq(k != 0), b_t.eq(0), b_ci.eq(0), b_ky.eq(0), b_kx.eq(0),
-                         b_offc.eq(0), b_offy.eq(0),
-                         b_lim.eq(Mux(L.cin * k * k > cfg.max_taps, cfg.max_taps,
-                                      L.cin * k * k))]
+                         b_offc.eq(0), b_offy.eq(0)]
             with m.If(k == 0):
                 fail(Err.BAD_VALUE, k)
             with m.Elif(k > cfg.max_k):
@@ -435,7 +444,7 @@ class Loader(wiring.Component):
                 fail(Err.BAD_VALUE, t)
             with m.Elif(t > cfg.max_taps):
                 fail(Err.LIMIT, t)
-            with m.Elif(n != n_params + L.cout * t):
+            with m.Elif(n != n_params + p_ct):
                 fail(Err.BAD_LENGTH, n)
         with m.Elif(i < n_params):
             # per-channel parameters: bias, M/sh, neg_start, spec, th

@@ -18,8 +18,8 @@ INT32_MAX = (1 << 31) - 1
 class Writer(wiring.Component):
     """Round-robin over the PEs' result streams; ``q(acc)`` (or raw) into the ofmap buffer.
 
-    Pipeline: choose and read the channel's ``M``/``sh``; multiply (registered); round, shift
-    and clamp; write. Window decisions go to the window-flag memory. The requantized value of a
+    Pipeline: choose and read the channel's ``M``/``sh``; multiply (registered); round and
+    shift (registered); clamp; write. Window decisions go to the window-flag memory. The requantized value of a
     leader is returned to its PE (``fb_*``): the window decision needs the *final* output.
 
     Members
@@ -79,20 +79,28 @@ class Writer(wiring.Component):
                      prod.eq(Mux(pos, r1.psum, 0).as_unsigned() * self.prm_data.m),
                      raw2.eq(Mux(r1.psum > INT32_MAX, INT32_MAX, r1.psum))]
 
-        # stage 2: round, shift, clamp
+        # stage 2: round and shift (registered)
+        va = Signal()
+        ra = Signal(rl)
+        pea = Signal.like(pe1)
+        rawa = Signal(hp.value_bits)
+        posa = Signal()
+        rnd = Signal(hp.acc_bits + 17)
+        m.d.comb += rnd.eq(prod + ((Mux(sh2 != 0, 1, 0) << sh2) >> 1))
+        scaled = Signal(hp.acc_bits + 17)
+        m.d.sync += [va.eq(v2), ra.eq(r2), pea.eq(pe2), rawa.eq(raw2), posa.eq(pos2),
+                     scaled.eq(rnd >> sh2)]
+
+        # stage 3: clamp (or raw)
         v3 = Signal()
         r3 = Signal(rl)
         pe3 = Signal.like(pe1)
         val3 = Signal(hp.value_bits)
-        rnd = Signal(hp.acc_bits + 17)
-        m.d.comb += rnd.eq(prod + ((Mux(sh2 != 0, 1, 0) << sh2) >> 1))
-        scaled = Signal(hp.acc_bits + 17)
-        m.d.comb += scaled.eq(rnd >> sh2)
         top = Signal(17)
         m.d.comb += top.eq((1 << L.out_bits) - 1)
         q = Mux(scaled > top, top, scaled)
-        m.d.sync += [v3.eq(v2), r3.eq(r2), pe3.eq(pe2),
-                     val3.eq(Mux(~pos2, 0, Mux(L.raw, raw2, q)))]
+        m.d.sync += [v3.eq(va), r3.eq(ra), pe3.eq(pea),
+                     val3.eq(Mux(~posa, 0, Mux(L.raw, rawa, q)))]
 
         # stage 3: write
         m.d.comb += [
@@ -104,5 +112,5 @@ class Writer(wiring.Component):
         ]
         for i in range(n):
             m.d.comb += self.fb_valid[i].eq(v3 & ~r3.win & r3.leader & (pe3 == i))
-        m.d.comb += self.busy.eq(v1 | v2 | v3)
+        m.d.comb += self.busy.eq(v1 | v2 | va | v3)
         return m
