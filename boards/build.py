@@ -149,6 +149,15 @@ def parse_report(spec: BoardSpec, nextpnr_json: Path, yosys_rpt: Path | None = N
     return out
 
 
+def parse_log_utilization(spec: BoardSpec, log: Path) -> dict:
+    """Resources from nextpnr's log lines ``Info:  CELL: used/ available  pct%``."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    found = {m.group(1): {"used": int(m.group(2)), "available": int(m.group(3))}
+             for m in re.finditer(r"Info:\s+(\w+):\s+(\d+)/\s*(\d+)\s+\d+%", text)}
+    return {k: found[getattr(spec, k)] for k in ("luts", "ffs", "dsps", "brams")
+            if getattr(spec, k) in found}
+
+
 def _tail(path: Path, n: int = 30) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -197,6 +206,10 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
     rep_json = out / f"{name}.report.json"
     if rep_json.exists():
         report.update(parse_report(spec, rep_json, out / f"{name}.rpt"))
+    else:
+        # nextpnr stopped before its report (e.g. the design does not fit): its log still
+        # has the utilization it found.
+        report.update(parse_log_utilization(spec, out / f"{name}.tim"))
     fails = []
     for key in ("luts", "ffs", "dsps", "brams"):
         r = report.get(key)
@@ -205,7 +218,10 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
     if proc.returncode != 0:
         text = _tail(logfile)
         if "Unable to place" in text or "not enough" in text.lower() or "exceeds" in text:
-            fails.append("does not fit the device")
+            over = [f"{k} {report[k]['used']}/{report[k]['available']}"
+                    for k in ("luts", "ffs", "dsps", "brams")
+                    if k in report and report[k]["used"] > report[k]["available"]]
+            fails.append("does not fit the device" + (f" ({', '.join(over)})" if over else ""))
         report["status"] = "failed"
         report["error"] = "; ".join(fails) or f"toolchain exit code {proc.returncode}"
         atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
