@@ -13,10 +13,10 @@ from ..sw.config import EngineConfig
 __all__ = ["HwParams", "RING_DEPTH", "UNIT_WIDTH", "SLOTS", "MAGIC", "Op", "Reply", "Err",
            "FEATURE_BITS", "COUNTER_WORDS"]
 
-#: Pipeline stages of a PE (issue, address, ifmap read, registered read data, multiply,
-#: accumulate); the ring holds this many independent contexts so that each one's partial sum
-#: is up to date when its next taps issue.
-RING_DEPTH = 6
+#: Pipeline stages of a PE (issue, registered weight row, address, ifmap read, registered
+#: read data, multiply, accumulate); the ring holds this many independent contexts so that
+#: each one's partial sum is up to date when its next taps issue.
+RING_DEPTH = 7
 #: Positions per work unit when the layer does not use zero prediction: small enough that the
 #: end-of-layer imbalance between PEs stays a few positions, large enough that the dispatcher
 #: (one unit per cycle for all PEs) never starves them.

@@ -321,49 +321,53 @@ class PE(wiring.Component):
         with m.Else():
             m.d.sync += [n1.valid.eq(0), n1.issued.eq(0)]
 
-        # stage 1: weight row -> ifmap addresses and padding checks
-        wrow = w_rd.data
-        s2_addr = [Signal(hp.ifa_bits, name=f"s2_addr{j}") for j in range(g)]
-        s2_use = [Signal(name=f"s2_use{j}") for j in range(g)]
-        s2_w = [Signal(signed(cfg.weight_bits), name=f"s2_w{j}") for j in range(g)]
-        c1 = ctx[1]
-        for j in range(g):
-            ent = wl(wrow[j * ew:(j + 1) * ew])
-            iy = c1.iy0 + ent.ky
-            ix = c1.ix0 + ent.kx
-            inb = (iy >= 0) & (iy < L.h) & (ix >= 0) & (ix < L.w)
-            m.d.sync += [s2_addr[j].eq(c1.base + ent.off), s2_w[j].eq(ent.w),
-                         s2_use[j].eq(inb & c1.issued & c1.lv[j])]
-        m.d.sync += ctx[2].eq(c1)
+        # stage 1: register the weight row (BRAM output register)
+        wrow = Signal(ew * g)
+        m.d.sync += [wrow.eq(w_rd.data), ctx[2].eq(ctx[1])]
 
-        # stage 2: ifmap read
+        # stage 2: ifmap addresses and padding checks
+        s3_addr = [Signal(hp.ifa_bits, name=f"s3_addr{j}") for j in range(g)]
         s3_use = [Signal(name=f"s3_use{j}") for j in range(g)]
         s3_w = [Signal(signed(cfg.weight_bits), name=f"s3_w{j}") for j in range(g)]
+        c2 = ctx[2]
         for j in range(g):
-            m.d.comb += i_rd[j].addr.eq(s2_addr[j])
-            m.d.sync += [s3_use[j].eq(s2_use[j]), s3_w[j].eq(s2_w[j])]
-        m.d.sync += ctx[3].eq(ctx[2])
+            ent = wl(wrow[j * ew:(j + 1) * ew])
+            iy = c2.iy0 + ent.ky
+            ix = c2.ix0 + ent.kx
+            inb = (iy >= 0) & (iy < L.h) & (ix >= 0) & (ix < L.w)
+            m.d.sync += [s3_addr[j].eq(c2.base + ent.off), s3_w[j].eq(ent.w),
+                         s3_use[j].eq(inb & c2.issued & c2.lv[j])]
+        m.d.sync += ctx[3].eq(c2)
 
-        # stage 3: register the ifmap data (BRAM output register)
-        s4_a = [Signal(signed(cfg.act_bits + 1), name=f"s4_a{j}") for j in range(g)]
+        # stage 3: ifmap read
+        s4_use = [Signal(name=f"s4_use{j}") for j in range(g)]
         s4_w = [Signal(signed(cfg.weight_bits), name=f"s4_w{j}") for j in range(g)]
+        for j in range(g):
+            m.d.comb += i_rd[j].addr.eq(s3_addr[j])
+            m.d.sync += [s4_use[j].eq(s3_use[j]), s4_w[j].eq(s3_w[j])]
+        m.d.sync += ctx[4].eq(ctx[3])
+
+        # stage 4: register the ifmap data (BRAM output register)
+        s5_a = [Signal(signed(cfg.act_bits + 1), name=f"s5_a{j}") for j in range(g)]
+        s5_w = [Signal(signed(cfg.weight_bits), name=f"s5_w{j}") for j in range(g)]
         for j in range(g):
             raw = i_rd[j].data
             a = Mux(L.act_signed, raw.as_signed(), raw)
-            m.d.sync += [s4_a[j].eq(Mux(s3_use[j], a, 0)), s4_w[j].eq(s3_w[j])]
-        m.d.sync += ctx[4].eq(ctx[3])
-
-        # stage 4: multiply (product registered)
-        s5_p = [Signal(signed(hp.prod_bits), name=f"s5_p{j}") for j in range(g)]
-        for j in range(g):
-            m.d.sync += s5_p[j].eq(s4_a[j] * s4_w[j])
+            m.d.sync += [s5_a[j].eq(Mux(s4_use[j], a, 0)), s5_w[j].eq(s4_w[j])]
         m.d.sync += ctx[5].eq(ctx[4])
 
-        # stage 5: accumulate into the context's partial sum
-        total = s5_p[0]
+        # stage 5: multiply (product registered)
+        s6_p = [Signal(signed(hp.prod_bits), name=f"s6_p{j}") for j in range(g)]
+        for j in range(g):
+            m.d.sync += s6_p[j].eq(s5_a[j] * s5_w[j])
+        m.d.sync += ctx[6].eq(ctx[5])
+
+        # stage 6: accumulate into the context's partial sum
+        total = s6_p[0]
         for j in range(1, g):
-            total = total + s5_p[j]
-        m.d.sync += [ctx[0].eq(ctx[5]), ctx[0].psum.eq(ctx[5].psum + total)]
+            total = total + s6_p[j]
+        m.d.sync += [ctx[0].eq(ctx[6]), ctx[0].psum.eq(ctx[6].psum + total)]
+        assert D == 7, "the stages above are written for a ring of 7 contexts"
 
         busy = Signal()
         m.d.comb += busy.eq(Cat(*[k.valid for k in ctx]).any() | (count != 0) | scanning |
