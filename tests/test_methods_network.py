@@ -108,10 +108,10 @@ def test_diagonal_zero_prediction_reproduces_the_papers_trend(lenet):
 def test_joint_configuration_respects_eps_on_the_test_split(lenet):
     model, net, splits = lenet
     eps = 0.01
-    ev = _ev(net, splits["calib"], 250)
+    ev = _ev(net, splits["calib"], 200)
     lad = joint.build_ladders(ev, model=model, zp_windows=(2, 3), velcro_steps=(0.1, 0.2, 0.3),
                               perf_rates=(0.2, 0.4), tolerances=(0.0, 0.01, 0.04))
-    res = joint.optimize(ev, eps, ladders=lad, max_jump=1, max_rounds=6, progress=False)
+    res = joint.optimize(ev, eps, ladders=lad, max_jump=1, max_rounds=5, progress=False)
     used = set().union(*(L.features for L in res.plan.values()))
     assert len(used) >= 2, used
     verdict = joint.check(net, res.plan, splits["test"].x[:400].numpy(),

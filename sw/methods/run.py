@@ -114,7 +114,7 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
         info.update(mask=mask)
     else:
         res = joint.optimize(ev, eps, model=model, executor=executor, progress=progress,
-                             margin=margin)
+                             margin=float(options.get("margin", 0.25)))
         plan = res.plan
         dense_macs = ev.base.total["dense"]
         trajectory += [(str(m), s / dense_macs, a) for m, a, _, s in res.history]
