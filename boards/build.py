@@ -92,22 +92,23 @@ def toolchain_env() -> dict:
 
 
 def _yosys_cells(rpt: Path) -> dict:
-    """Cell counts of the last ``stat`` in a yosys log (the synthesized design)."""
+    """Cell counts of the last ``stat`` in a yosys log (the synthesized design).
+
+    Yosys 0.70 prints ``<count> cells`` and then ``<count>   <cell type>`` lines (after a
+    ``<count> submodules`` line, the cells inside them) until a blank line.
+    """
     text = rpt.read_text(errors="replace") if rpt.exists() else ""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^\s+\d+\s+cells\s*$", line)]
     cells = {}
-    # Each stat block lists "  <count> <cell>" or "  <cell> <count>" depending on the version.
-    last = text.rfind("Number of cells")
-    if last < 0:
+    if not starts:
         return cells
-    for line in text[last:].splitlines()[1:]:
-        mm = re.match(r"^\s+(\d+)\s+(?:[\d.]+\s+)?(\$?[A-Za-z_][\w$]*)\s*$", line)
-        mn = re.match(r"^\s+(\$?[A-Za-z_][\w$]*)\s+(\d+)\s*$", line)
-        if mm:
-            cells[mm.group(2)] = int(mm.group(1))
-        elif mn:
-            cells[mn.group(1)] = int(mn.group(2))
-        elif line.strip() and not line.startswith(" "):
+    for line in lines[starts[-1] + 1:]:
+        m = re.match(r"^\s+(\d+)\s+(\$?[A-Za-z_][\w$]*)\s*$", line)
+        if not m:
             break
+        if m.group(2) != "submodules":
+            cells[m.group(2)] = cells.get(m.group(2), 0) + int(m.group(1))
     return cells
 
 
@@ -210,6 +211,13 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
         # nextpnr stopped before its report (e.g. the design does not fit): its log still
         # has the utilization it found.
         report.update(parse_log_utilization(spec, out / f"{name}.tim"))
+        cells = _yosys_cells(out / f"{name}.rpt") if spec.family == "ice40" else {}
+        if "SB_LUT4" in cells and "luts" in report:
+            # An iCE40 logic cell is a LUT4 and a FF: count each kind from yosys' netlist.
+            report["logic_cells"] = report["luts"]
+            report["luts"] = {"used": cells["SB_LUT4"], "available": report["luts"]["available"]}
+            report["ffs"] = {"used": sum(v for k, v in cells.items() if k.startswith("SB_DFF")),
+                             "available": report["ffs"]["available"]}
     fails = []
     for key in ("luts", "ffs", "dsps", "brams"):
         r = report.get(key)
