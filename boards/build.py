@@ -64,7 +64,7 @@ class BoardSpec:
 
 
 BOARDS = {
-    "ulx3s": BoardSpec("ulx3s", "ecp5", 50.0, "TRELLIS_COMB", "TRELLIS_FF", "MULT18X18D",
+    "ulx3s": BoardSpec("ulx3s", "ecp5", 35.0, "TRELLIS_COMB", "TRELLIS_FF", "MULT18X18D",
                        "DP16KD", "bit", "ulx3s"),
     "icebreaker": BoardSpec("icebreaker", "ice40", 24.0, "ICESTORM_LC", "ICESTORM_LC",
                             "ICESTORM_DSP", "ICESTORM_RAM", "bin", "ice40_generic"),

@@ -14,7 +14,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--board", required=True, choices=BOARD_CHOICES)
     parser.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--clock-mhz", type=float, default=None,
-                        help="engine clock from the PLL (default: ulx3s 50, icebreaker 24); "
+                        help="engine clock from the PLL (default: ulx3s 35, icebreaker 24); "
                              "the build fails when nextpnr's Fmax is below it")
     parser.add_argument("--baud", type=int, default=115200, help="UART line rate")
     parser.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
