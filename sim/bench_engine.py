@@ -14,7 +14,8 @@ and the **skip** engine (all four mechanisms) running them configured:
 
 Figures (issue 3): ``dense_utilization`` = dense MACs / (dense-engine cycles x lanes x g);
 ``skip_efficiency`` = (dense-engine cycles / skip-engine cycles) / (dense MACs / performed
-MACs); ``sim_cycles_per_s`` = simulated clock cycles / wall seconds of the simulations. Every
+MACs); ``sim_cycles_per_s`` = simulated clock cycles / CPU seconds of the simulator processes
+(``sim_cycles_per_wall_s``: per wall second). Every
 result is also compared with the golden model (``mismatches`` must be 0). Layers larger than
 the engine's buffers are tiled by the driver's tiler; cycles add up over tiles.
 """
