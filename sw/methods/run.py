@@ -23,7 +23,7 @@ import numpy as np
 
 from ..layer import atomic_write_bytes, save
 from . import joint, perforation, snapea, velcro, zero_pred
-from .common import NetEval, golden_eval
+from .common import NetEval
 from .executor import Executor, SerialExecutor
 
 __all__ = ["METHODS", "load_network", "optimize_model", "SPECIALIZED"]
@@ -191,8 +191,3 @@ def _statistics(net, ev, plan, test, classes, g) -> dict:
     stats["image"] = img[0]
     return stats
 
-
-def golden_summary(net, plan, x, y, g=1) -> dict:
-    """Golden accuracy and MAC reduction of ``plan`` on ``(x, y)`` (for the bench)."""
-    r = golden_eval(net, plan, x, y, g)
-    return {"acc": r.acc, "mac_reduction": r.mac_reduction}

@@ -24,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from ..layer import CONST, COPY, Layer
+from ..layer import CONST, Layer
 from .common import NetEval, validate_plan
 from .executor import Executor, SerialExecutor
 
@@ -184,7 +184,3 @@ def optimize(ev_pre: NetEval, ev_val: NetEval, eps: float = 0.0, *, step: float 
     plan = _plan(ev_val, base_plan, bv, T)
     validate_plan(plan, ev_val.layers, ev_val.g)
     return plan, tuple(T)
-
-
-def _has_copy(L: Layer) -> bool:
-    return L.kind is not None and bool((np.asarray(L.kind) == COPY).any())
