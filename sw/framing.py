@@ -174,10 +174,17 @@ class FrameParser:
         """Bytes of a frame started but not yet complete."""
         return len(self._buf)
 
-    def feed(self, data: bytes, now: float | None = None) -> list:
-        """Consume ``data``; return the frames and frame errors it completes, in order."""
+    def feed(self, data: bytes, now: float | None = None, *, buffered: bool = False) -> list:
+        """Consume ``data``; return the frames and frame errors it completes, in order.
+
+        ``now`` is when ``data`` arrived. ``buffered=True`` says the bytes were read from a
+        buffer (a serial port's, a pty's) where they may have waited while the reader was busy
+        or descheduled: their arrival time is unknown, so the reader's own lateness must not
+        drop the partial frame they continue. Stalls are then judged by the empty reads
+        (``feed(b"")``), which a reader polling the line makes while it is quiet.
+        """
         now = time.monotonic() if now is None else now
-        events = self.expire(now)
+        events = [] if (buffered and data) else self.expire(now)
         if data:
             self._buf += data
             self._last = now
@@ -310,7 +317,7 @@ class FramedPeer:
         """Process received bytes (the thread calls this; tests may call it directly)."""
         if data:
             data = self._inject_rx(data)
-        for ev in self.parser.feed(data):
+        for ev in self.parser.feed(data, buffered=True):
             if isinstance(ev, FrameError):
                 # A frame whose header is garbage cannot be named: the host's ACK timeout
                 # retransmits it. Frames we can name are answered NAK at once.

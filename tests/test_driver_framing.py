@@ -87,6 +87,35 @@ def test_parser_byte_timeout_drops_stalled_frame():
     assert events[-1] == Frame(DATA, 2, b"abcdefgh")
 
 
+def test_parser_buffered_bytes_continue_a_frame_whatever_the_reader_s_delay():
+    raw = encode_frame(DATA, 2, b"abcdefgh")
+    p = FrameParser(byte_timeout=0.1)
+    assert p.feed(raw[:6], now=0.0, buffered=True) == []
+    # Read 5 s later from a buffer: the bytes may have been waiting there all along.
+    assert p.feed(raw[6:], now=5.0, buffered=True) == [Frame(DATA, 2, b"abcdefgh")]
+    # A quiet read past the byte timeout still drops a stalled frame.
+    assert p.feed(raw[:6], now=6.0, buffered=True) == []
+    events = p.feed(b"", now=6.5, buffered=True)
+    assert len(events) == 1 and events[0].reason == NAK_TIMEOUT
+
+
+def test_serial_host_that_stalls_mid_frame_still_gets_the_result():
+    """The host thread descheduled longer than the byte timeout while a result frame's bytes
+    wait in the port's buffer (a loaded machine): the frame is whole, not 'incomplete'."""
+    raw = encode_frame(DEV_DATA_LAST, 0, bytes(range(64)))
+    with PtyPair() as pair:
+        host = SerialTransport(pair.port_name, timeout=0.3, byte_timeout=0.1)
+        try:
+            pair.device.write(raw[:20])
+            with pytest.raises(LinkTimeout):
+                host.recv(timeout=0.05)         # the host has the first 20 bytes
+            pair.device.write(raw[20:])         # the rest arrives at once...
+            time.sleep(0.3)                     # ...while the host is not reading
+            assert host.recv(timeout=1.0) == bytes(range(64))
+        finally:
+            host.close()
+
+
 def _echo_engine(message):
     """Reply with two messages: the command reversed word-wise, then one fixed word."""
     words = [message[i:i + 4] for i in range(0, len(message), 4)]

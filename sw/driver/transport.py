@@ -143,7 +143,9 @@ class SerialTransport(Transport):
         waiting = getattr(self._port, "in_waiting", None)
         data = self._port.read(max(1, waiting) if waiting is not None else 4096)
         now = time.monotonic()
-        events = self._parser.feed(data or b"", now)
+        # The bytes may have waited in the port's buffer while this thread was not running
+        # (a loaded machine, the GIL): only a quiet read judges a stalled frame.
+        events = self._parser.feed(data or b"", now, buffered=True)
         for ev in events:
             if isinstance(ev, FrameError):
                 if ev.type in (framing.ACK, framing.NAK):
