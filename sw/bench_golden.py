@@ -39,7 +39,12 @@ def run(args) -> dict:
 
     from . import golden, randlayer
 
+    from threadpoolctl import threadpool_limits
+
+    # Both sides on one thread: torch's intra-op pool and NumPy's BLAS (OpenBLAS would
+    # otherwise use every core for the golden model's products).
     torch.set_num_threads(1)
+    blas = threadpool_limits(1)
     rng = np.random.default_rng(args.seed)
     t_torch = t_dense = t_all = t_perf = 0.0
     per_layer = []
@@ -62,6 +67,7 @@ def run(args) -> dict:
         per_layer.append({"shape": f"{ch}x{hw}x{hw}", "torch_ms": round(tt * 1e3, 3),
                           "dense_ms": round(td * 1e3, 3), "all_features_ms": round(ta * 1e3, 3),
                           "perforation_variant_ms": round(tp * 1e3, 3)})
+    blas.unregister()
     return {
         "dense_vs_torch": round(t_dense / t_torch, 2),
         "all_features_vs_torch": round(t_all / t_torch, 2),

@@ -29,6 +29,7 @@ _F32_EXACT = 1 << 24
 _F64_EXACT = 1 << 53
 _REFINE_BLOCK = 1 << 21   # elements per chunk of the early-termination search (~16 MB int64)
 _MAX_BLOCKS = 32          # most block boundaries in the early-termination search
+_SEARCH_OPS = 8           # element operations per pair and tap in a block (cost model)
 _BATCH_ELEMENTS = 1 << 24  # tap-matrix elements per batch chunk (~128 MB float64)
 
 
@@ -132,9 +133,10 @@ def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int) -> np.ndarray:
     """``w @ cols`` as exact int64, ``w`` (R, T) int64; picks the cheapest exact float width."""
     if w.size == 0:
         return np.zeros((w.shape[0], cols_by_dtype("int").shape[1]), np.int64)
-    bound = int(np.abs(w).sum(axis=1).max()) * max(xmax, 1)
+    w32 = w.astype(np.float32)           # weights are small integers: exact in float32
+    bound = int(np.abs(w32).sum(axis=1, dtype=np.float64).max()) * max(xmax, 1)
     if bound < _F32_EXACT:
-        return (w.astype(np.float32) @ cols_by_dtype(np.float32)).astype(np.int64)
+        return (w32 @ cols_by_dtype(np.float32)).astype(np.int64)
     if bound < _F64_EXACT:
         return (w.astype(np.float64) @ cols_by_dtype(np.float64)).astype(np.int64)
     return w @ cols_by_dtype("int")
@@ -164,6 +166,7 @@ def requantize(acc: np.ndarray, M: np.ndarray, sh: np.ndarray, out_bits: int) ->
     M = np.asarray(M, np.int64).reshape(shape)
     sh = np.asarray(sh, np.int64).reshape(shape)
     rnd = np.where(sh > 0, np.left_shift(np.int64(1), np.maximum(sh - 1, 0)), 0)
+    # acc <= 0 gives (0 * M + rnd) >> sh = 0 (rnd < 2**sh): ReLU needs no separate select.
     pos = np.maximum(acc, 0)
     if pos.size and int(pos.max()) >= (1 << 62) // 65536:
         # Products beyond int64: use Python integers (only for extreme widths).
@@ -171,10 +174,12 @@ def requantize(acc: np.ndarray, M: np.ndarray, sh: np.ndarray, out_bits: int) ->
         scaled = np.array([int(v) >> int(s) for v, s in
                            zip(prod.ravel(), np.broadcast_to(sh, prod.shape).ravel())],
                           dtype=object).reshape(prod.shape)
-        scaled = np.minimum(scaled, (1 << out_bits) - 1).astype(np.int64)
-    else:
-        scaled = np.minimum((pos * M + rnd) >> sh, (1 << out_bits) - 1)
-    return np.where(acc <= 0, 0, scaled).astype(np.int64)
+        return np.minimum(scaled, (1 << out_bits) - 1).astype(np.int64)
+    # In place: large temporaries cost more (fresh pages) than the arithmetic.
+    pos *= M
+    pos += rnd
+    pos >>= sh
+    return np.minimum(pos, (1 << out_bits) - 1, out=pos)
 
 
 # -- early termination -----------------------------------------------------------------------
@@ -235,10 +240,10 @@ def _first_stop(order, w2, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Taps, g
     neg_len = t - e0
     cols_any = crossing.any(axis=0)
     # Balance the two levels: each block boundary costs a masked (Cout x T) weight matrix and
-    # a product over the crossing columns; the search inside a block costs ~8 element
-    # operations per pair and tap of the block.
+    # a product over the crossing columns; the search inside a block costs ~_SEARCH_OPS
+    # element operations per pair and tap of the block.
     boundary_cost = cout * t * (int(cols_any.sum()) / 16 + 3)
-    search_cost = len(c_idx) * int(neg_len.max()) * 8
+    search_cost = len(c_idx) * int(neg_len.max()) * _SEARCH_OPS
     n_blocks = int(np.clip(round(np.sqrt(search_cost / boundary_cost)), 1, _MAX_BLOCKS))
     bounds = [e0]
     for j in range(1, n_blocks):
@@ -322,7 +327,7 @@ def run(layer: Layer, x: np.ndarray, g: int = 1) -> Result:
     else:
         layer.validate(g=g, x=x)
     L = layer.normalized(validate=False)
-    xs = x.astype(np.int64)[None] if not batched else x.astype(np.int64)
+    xs = x[None] if not batched else x          # im2col converts to its product dtype
     ho, wo = L.out_hw
     per_image = max(1, L.taps * ho * wo)
     chunk = max(1, _BATCH_ELEMENTS // per_image)
@@ -344,56 +349,73 @@ def _concat(parts: list[Result]) -> Result:
 
 
 def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
-    """The rules on a batch: images are just more columns of the (Cout, N*Ho*Wo) matrices."""
+    """The rules on a batch: images are just more columns of the (Cout, N*Ho*Wo) matrices.
+
+    Work on (Cout, N*P) arrays is done in place where it can be: a fresh temporary of that
+    size costs more (new pages) than the arithmetic. Steps of a mechanism the layer does not
+    use are skipped; the result is the same either way.
+    """
     n = len(xs)
     cout, ho, wo = L.out_shape
     t = L.taps
     w2 = L.w.reshape(cout, t)
     taps = _Taps(xs, L)
 
-    acc = L.b[:, None] + _exact_products(w2, taps, taps.xmax)          # (Cout, N*P)
-    e_stop, fired = _stop_points(L, acc, taps, w2, g)
+    acc = _exact_products(w2, taps, taps.xmax)                        # (Cout, N*P)
+    acc += L.b[:, None]
+    ets = L.et != "off"
+    if ets:
+        e_stop, fired = _stop_points(L, acc, taps, w2, g)
 
     if L.raw:
-        value = np.minimum(np.maximum(acc, 0), INT32_MAX)
+        value = np.clip(acc, 0, INT32_MAX, out=acc)
     else:
         value = requantize(acc, L.M, L.sh, L.out_bits)
     shape = (cout, n, ho, wo)
-    value = np.where(fired, 0, value).reshape(shape)
-    e_stop = e_stop.reshape(shape)
+    if ets:
+        value[fired] = 0
+    out = value.reshape(shape)
 
     kind = L.kind[:, None]                                   # the plan is the same per image
-    out = np.where(kind == CONST, L.const[:, None], value)
+    has_const, has_copy = bool((L.kind == CONST).any()), bool((L.kind == COPY).any())
+    if has_const:
+        out = np.where(kind == CONST, L.const[:, None], out)
 
-    predicted = np.zeros(shape, bool)
+    predicted = None
     if L.p:
         predicted = _predicted_followers(out, kind, L.leader[:, None], L.p)
-        out = np.where(predicted, 0, out)
+        out[predicted] = 0
 
-    copy = np.broadcast_to(kind == COPY, shape)
-    if copy.any():
+    if has_copy:
+        copy = np.broadcast_to(kind == COPY, shape)
         ny, nx = L.nn[..., 0], L.nn[..., 1]
         out = np.where(copy, out[..., ny, nx], out)
 
-    computed = (kind == COMPUTE) & ~predicted
-    macs = np.where(computed, e_stop, 0).astype(np.int64)
-    outcome = np.full(shape, COMPUTED, np.int8)
-    outcome[np.broadcast_to(kind == CONST, shape)] = CONST
-    outcome[copy] = COPY
-    outcome[predicted] = PREDICTED
-    outcome[computed & (e_stop < t)] = STOPPED
+    # Performed MACs: e_stop (or T) where computed, 0 where CONST, COPY or predicted.
+    macs = e_stop.reshape(shape) if ets else np.full(shape, t, np.int64)
+    outcome = np.zeros(shape, np.int8)                        # COMPUTED
+    if ets:
+        outcome[macs < t] = STOPPED
+    if has_const or has_copy:
+        skipped = np.broadcast_to(kind != COMPUTE, shape)
+        macs = np.where(skipped, 0, macs)
+        outcome = np.where(skipped, np.broadcast_to(kind, shape).astype(np.int8), outcome)
+    if predicted is not None:
+        macs[predicted] = 0
+        outcome[predicted] = PREDICTED
 
-    counts = np.bincount(outcome.ravel(), minlength=len(OUTCOMES))
+    counts = [int(np.count_nonzero(outcome == code)) for code in range(len(OUTCOMES))]
     n_const, n_copy, n_pred = int(counts[CONST]), int(counts[COPY]), int(counts[PREDICTED])
+    performed = int(macs.sum())
     result = Result(
-        out=out.astype(np.int64).swapaxes(0, 1), macs=macs.swapaxes(0, 1),
+        out=out.swapaxes(0, 1), macs=macs.swapaxes(0, 1),
         outcome=outcome.swapaxes(0, 1),
         dense=cout * n * ho * wo * t,
-        performed=int(macs.sum()),
+        performed=performed,
         velcro=n_const * t,
         perforation=n_copy * t,
         zero_pred=n_pred * t,
-        early_term=int((t - e_stop)[computed].sum()),
+        early_term=int(counts[COMPUTED] + counts[STOPPED]) * t - performed,
         positions={name: int(counts[i]) for i, name in enumerate(OUTCOMES)},
     )
     total = (result.performed + result.velcro + result.perforation + result.zero_pred

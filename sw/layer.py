@@ -163,8 +163,9 @@ class Layer:
             nn=i64(self.nn) if self.nn is not None else np.zeros((ho, wo, 2), np.int64),
             leader=(np.asarray(self.leader, bool) if self.leader is not None
                     else np.zeros((cout, ho, wo), bool)),
+            # The identity order as a read-only view: no (Cout, T) table for layers without ET.
             order=(i64(self.order) if self.order is not None
-                   else np.tile(np.arange(t, dtype=np.int64), (cout, 1))),
+                   else np.broadcast_to(np.arange(t, dtype=np.int64), (cout, t))),
             neg_start=(i64(self.neg_start) if self.neg_start is not None
                        else np.full(cout, t, np.int64)),
             spec=i64(self.spec) if self.spec is not None else np.zeros(cout, np.int64),
@@ -269,7 +270,7 @@ def _int_array(name, a, shape, lo=None, hi=None):
         raise _err(name, str(a.dtype), "must hold integers")
     if a.shape != tuple(shape):
         raise _err(f"{name}.shape", a.shape, f"must be {tuple(shape)}")
-    a = a.astype(np.int64)
+    a = np.asarray(a, np.int64)      # no copy when it is int64 already (read-only use)
     if a.size and lo is not None and a.min() < lo:
         idx = tuple(int(i) for i in np.unravel_index(np.argmin(a), a.shape))
         raise _err(f"{name}{list(idx)}", int(a.min()), f"below the minimum {lo}")
@@ -383,8 +384,10 @@ def _validate(layer: Layer, g, x):
                    "(act_signed is true)")
     if layer.order is not None:
         order = _int_array("order", layer.order, (cout, t), 0, t - 1)
-        srt = np.sort(order, axis=1)
-        bad = np.nonzero((srt != np.arange(t)).any(axis=1))[0]
+        # Values are in 0..t-1 and a row has t of them: a permutation iff every tap is hit.
+        hit = np.zeros((cout, t), bool)
+        np.put_along_axis(hit, order, True, axis=1)
+        bad = np.nonzero(~hit.all(axis=1))[0]
         if bad.size:
             c = int(bad[0])
             dup = np.nonzero(np.bincount(order[c], minlength=t) != 1)[0][0]
@@ -392,7 +395,7 @@ def _validate(layer: Layer, g, x):
                        f"{int(np.count_nonzero(order[c] == dup))} times",
                        f"must be a permutation of 0..{t - 1}")
     else:
-        order = np.tile(np.arange(t), (cout, 1))
+        order = np.broadcast_to(np.arange(t), (cout, t))
     if layer.neg_start is not None:
         neg = _int_array("neg_start", layer.neg_start, (cout,), 0, t)
         wflat = w.reshape(cout, t)
