@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layer import COMPUTE, CONST, COPY, INT32_MAX, Layer, LayerError, atomic_write_bytes
+from .layer import (COMPUTE, CONST, COPY, INT32_MAX, Layer, LayerError, atomic_write_bytes,
+                    take_rows)
 
 __all__ = ["OUTCOMES", "COMPUTED", "PREDICTED", "STOPPED", "Result", "run", "im2col", "requantize"]
 
@@ -27,7 +28,8 @@ COMPUTED, PREDICTED, STOPPED = 0, 3, 4   # CONST (1) and COPY (2) share the plan
 _COUNTERS = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
 _F32_EXACT = 1 << 24
 _F64_EXACT = 1 << 53
-_REFINE_BLOCK = 1 << 21   # elements per chunk of the early-termination search (~16 MB int64)
+_REFINE_BLOCK = 1 << 20   # elements per chunk of the early-termination search
+_I32 = 1 << 31
 _MAX_BLOCKS = 32          # most block boundaries in the early-termination search
 _SEARCH_OPS = 8           # element operations per pair and tap in a block (cost model)
 _BATCH_ELEMENTS = 1 << 24  # tap-matrix elements per batch chunk (~128 MB float64)
@@ -129,17 +131,58 @@ def im2col(x: np.ndarray, k: int, stride: int, pad: int, dtype=np.float64) -> np
                                                                           n * ho * wo)
 
 
-def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int) -> np.ndarray:
-    """``w @ cols`` as exact int64, ``w`` (R, T) int64; picks the cheapest exact float width."""
+def _product_plan(w: np.ndarray, xmax: int):
+    """How :func:`_exact_products` multiplies ``w`` (and any masked copy of it) exactly.
+
+    float32 products are exact while every partial sum stays below 2**24: beyond that bound
+    the taps are cut into chunks that each respect it (float32 products of the chunks, summed
+    exactly in float64: about twice as fast as one float64 product). Returns ``"f32"``,
+    ``"f64"``, ``"int"`` or the chunk starts. A copy of ``w`` with some weights zeroed has
+    smaller sums, so the plan holds for it too. ``_product_bound(w, xmax)`` is the bound.
+    """
+    absw = np.abs(w.astype(np.float32, copy=False))
+    xm = max(xmax, 1)
+    bound = _product_bound(absw, xm)
+    if bound < _F32_EXACT:
+        return "f32"
+    if bound >= _F64_EXACT:
+        return "int"
+    t = w.shape[1]
+    n = int(np.ceil(bound / _F32_EXACT)) + 1
+    while n <= t:
+        starts = np.linspace(0, t, n + 1).astype(np.int64)[:-1]
+        if float(np.add.reduceat(absw, starts, axis=1, dtype=np.float64).max()) * xm < _F32_EXACT:
+            return starts
+        n *= 2
+    return "f64"
+
+
+def _product_bound(w: np.ndarray, xmax: int) -> float:
+    """Largest ``sum(|w[c]|) * xmax``: no partial sum of a row's products exceeds it."""
+    return float(np.abs(w).sum(axis=1, dtype=np.float64).max()) * max(xmax, 1)
+
+
+def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int, plan=None) -> np.ndarray:
+    """``w @ cols`` as exact int64; ``w`` (R, T) holds integers (any integer or float dtype).
+
+    ``plan`` is :func:`_product_plan` of ``w`` or of a matrix ``w`` is a masked copy of.
+    """
     if w.size == 0:
         return np.zeros((w.shape[0], cols_by_dtype("int").shape[1]), np.int64)
-    w32 = w.astype(np.float32)           # weights are small integers: exact in float32
-    bound = int(np.abs(w32).sum(axis=1, dtype=np.float64).max()) * max(xmax, 1)
-    if bound < _F32_EXACT:
-        return (w32 @ cols_by_dtype(np.float32)).astype(np.int64)
-    if bound < _F64_EXACT:
-        return (w.astype(np.float64) @ cols_by_dtype(np.float64)).astype(np.int64)
-    return w @ cols_by_dtype("int")
+    if plan is None:
+        plan = _product_plan(w, xmax)
+    if isinstance(plan, str):
+        if plan == "f32":
+            return (w.astype(np.float32, copy=False) @ cols_by_dtype(np.float32)).astype(np.int64)
+        if plan == "f64":
+            return (w.astype(np.float64) @ cols_by_dtype(np.float64)).astype(np.int64)
+        return w.astype(np.int64, copy=False) @ cols_by_dtype("int")
+    w32, cols = w.astype(np.float32, copy=False), cols_by_dtype(np.float32)
+    ends = list(plan[1:]) + [w.shape[1]]
+    out = np.zeros((w.shape[0], cols.shape[1]), np.float64)
+    for a, b in zip(plan, ends):
+        out += w32[:, a:b] @ cols[a:b]
+    return out.astype(np.int64)
 
 
 class _Taps:
@@ -184,7 +227,7 @@ def requantize(acc: np.ndarray, M: np.ndarray, sh: np.ndarray, out_bits: int) ->
 
 # -- early termination -----------------------------------------------------------------------
 
-def _stop_points(L: Layer, acc, taps: _Taps, w2, g: int):
+def _stop_points(L: Layer, acc, taps: _Taps, w2, g: int, plan):
     """Per position: the check point where early termination stops (or ``T``) and whether it did.
 
     Returns ``(e, fired)``, both (Cout, P). ``fired`` is true when a rule fired at any check
@@ -198,11 +241,11 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, g: int):
         return e_stop, fired
 
     b = L.b[:, None]
-    rank = np.empty_like(L.order)
-    np.put_along_axis(rank, L.order, np.broadcast_to(np.arange(t), L.order.shape), axis=1)
+    rank = _ranks(L.order)
+    w32 = w2.astype(np.float32)       # masked copies below are made from this one
 
     def psum_at(e):          # psum after the first e[c] taps of order[c], all positions
-        return b + _exact_products(np.where(rank < e[:, None], w2, 0), taps, taps.xmax)
+        return b + _exact_products(np.where(rank < e[:, None], w32, 0), taps, taps.xmax, plan)
 
     # Rule 2: from the first check point at or after neg_start, psum can only fall (weights
     # <= 0 on a non-negative input; a signed input has neg_start = T, the final check only).
@@ -214,8 +257,8 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, g: int):
     crossing = ~at_e0 & (acc <= 0)        # stops at some check point in (e0, T]
     if crossing.any():
         c_idx, p_idx = np.nonzero(crossing)
-        e_stop[c_idx, p_idx] = _first_stop(L.order, w2, rank, e0, ps0, crossing, c_idx, p_idx,
-                                           taps, g)
+        e_stop[c_idx, p_idx] = _first_stop(L.order, w2, w32, rank, e0, ps0, crossing, c_idx,
+                                           p_idx, taps, g, plan)
         fired |= crossing
 
     if L.et == "predictive":
@@ -229,7 +272,15 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, g: int):
     return e_stop, fired
 
 
-def _first_stop(order, w2, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Taps, g):
+def _ranks(order: np.ndarray) -> np.ndarray:
+    """``rank[c, tap]``: where ``tap`` comes in ``order[c]`` (the inverse permutations)."""
+    cout, t = order.shape
+    rank = np.empty(cout * t, np.int64)
+    rank[(np.arange(cout) * t)[:, None] + order] = np.arange(t)
+    return rank.reshape(cout, t)
+
+
+def _first_stop(order, w2, w32, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Taps, g, plan):
     """First check point after ``e0`` with psum <= 0, for each crossing (channel, position).
 
     The psum only falls after ``e0``, so the search is in two levels: psums at a few block
@@ -267,7 +318,7 @@ def _first_stop(order, w2, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Taps, g
     ps0_pairs = ps0[c_idx, p_idx]
     for j in range(1, n_blocks):
         inside = (rank >= e0[:, None]) & (rank < bounds[j][:, None])
-        part = _exact_products(np.where(inside, w2, 0), reduced_taps, taps.xmax)
+        part = _exact_products(np.where(inside, w32, 0), reduced_taps, taps.xmax, plan)
         ps_j = ps0_pairs + np.take(part, pair_flat)
         b_j = bounds[j][c_idx]
         crossed = open_ & (ps_j <= 0)
@@ -276,28 +327,39 @@ def _first_stop(order, w2, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Taps, g
         lo_rank[still], lo_psum[still] = b_j[still], ps_j[still]
         open_ = still
 
-    # Inside the block: running sum over the taps of ranks lo..hi-1, pair by pair.
-    # Flat tables so that each gather is one np.take on a contiguous array.
-    ordered_w = np.take_along_axis(w2, order, axis=1).ravel()  # weight of the r-th tap
-    order_flat = order.ravel()
-    cols = reduced_taps("int").ravel()
+    # Inside the block: running sum over the taps of ranks lo.., pair by pair, vectorized.
+    # Each pair's crossing is at a check point in (lo, hi], and psum(hi) <= 0, so the window
+    # needs no mask: terms past hi (or past T, where the padded tables hold weight 0) come
+    # after the crossing and cannot move it.
     width = int((hi_rank - lo_rank).max())
-    steps = np.arange(width)
+    cols32 = reduced_taps(np.float32)
+    small = cols32.size < _I32 and cout * (t + width) < _I32
+    itype = np.int32 if small else np.int64
+    cols = cols32.astype(itype).ravel()                      # integers: exact conversion
+    ordered_w = np.zeros((cout, t + width), itype)          # weight of the r-th tap, padded
+    ordered_w[:, :t] = take_rows(w2, order)
+    ordered_row = np.zeros((cout, t + width), itype)         # its row in the flat tap matrix
+    ordered_row[:, :t] = order * n_cols
+    ordered_w, ordered_row = ordered_w.ravel(), ordered_row.ravel()
+    # Every term and every running sum of a window is within the layer's product bound (the
+    # crossing also bounds psum(lo)): int32 holds them exactly when the bound allows.
+    acc_type = np.int32 if small and _product_bound(w32, taps.xmax) < _I32 else np.int64
+    steps = np.arange(width, dtype=itype)
     result = np.empty(len(c_idx), np.int64)
     chunk = max(1, _REFINE_BLOCK // max(width, 1))
     for s in range(0, len(c_idx), chunk):
         sl = slice(s, s + chunk)
-        c, p, lo, hi = c_idx[sl], p_idx[sl], lo_rank[sl], hi_rank[sl]
-        r = lo[:, None] + steps[None, :]                       # (n, width) tap ranks
-        valid = r < hi[:, None]
-        r = np.minimum(r, t - 1)
-        flat = c[:, None] * t + r
-        tap = np.take(order_flat, flat)
-        terms = np.take(ordered_w, flat) * np.take(cols, tap * n_cols + col_pos[p][:, None])
-        run = lo_psum[sl, None] + np.cumsum(np.where(valid, terms, 0), axis=1)
-        e = r + 1                                               # taps done after each term
-        is_check = valid if g == 1 else valid & ((e % g == 0) | (e == t))
-        result[sl] = e[np.arange(len(c)), np.argmax(is_check & (run <= 0), axis=1)]
+        c, lo = c_idx[sl], lo_rank[sl]
+        flat = (c * (t + width) + lo).astype(itype)[:, None] + steps   # (n, width)
+        terms = np.take(ordered_w, flat).astype(acc_type, copy=False)
+        terms *= np.take(cols, np.take(ordered_row, flat)
+                         + col_pos[p_idx[sl]].astype(itype)[:, None])
+        run = np.cumsum(terms, axis=1, dtype=acc_type)
+        below = run <= (-lo_psum[sl]).astype(acc_type)[:, None]          # psum <= 0
+        if g > 1:
+            e = lo[:, None] + steps + 1                                     # taps done
+            below &= (e % g == 0) | (e == t)
+        result[sl] = lo + np.argmax(below, axis=1) + 1
     return result
 
 
@@ -361,11 +423,12 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
     w2 = L.w.reshape(cout, t)
     taps = _Taps(xs, L)
 
-    acc = _exact_products(w2, taps, taps.xmax)                        # (Cout, N*P)
+    plan = _product_plan(w2, taps.xmax)
+    acc = _exact_products(w2, taps, taps.xmax, plan)                  # (Cout, N*P)
     acc += L.b[:, None]
     ets = L.et != "off"
     if ets:
-        e_stop, fired = _stop_points(L, acc, taps, w2, g)
+        e_stop, fired = _stop_points(L, acc, taps, w2, g, plan)
 
     if L.raw:
         value = np.clip(acc, 0, INT32_MAX, out=acc)

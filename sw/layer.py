@@ -287,6 +287,13 @@ def _check_scalar(name, v, lo, hi):
         raise _err(name, v, f"must be in {lo}..{hi}")
 
 
+def take_rows(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[c, idx[c, j]]`` for 2-D ``a`` and ``idx`` (``take_along_axis(a, idx, 1)``, but one
+    flat gather: several times faster on large weight tables)."""
+    rows, width = a.shape
+    return np.take(np.ascontiguousarray(a).ravel(), (np.arange(rows) * width)[:, None] + idx)
+
+
 def _validate(layer: Layer, g, x):
     _check_scalar("act_bits", layer.act_bits, 2, 16)
     _check_scalar("weight_bits", layer.weight_bits, 2, 16)
@@ -385,9 +392,9 @@ def _validate(layer: Layer, g, x):
     if layer.order is not None:
         order = _int_array("order", layer.order, (cout, t), 0, t - 1)
         # Values are in 0..t-1 and a row has t of them: a permutation iff every tap is hit.
-        hit = np.zeros((cout, t), bool)
-        np.put_along_axis(hit, order, True, axis=1)
-        bad = np.nonzero(~hit.all(axis=1))[0]
+        hit = np.zeros(cout * t, bool)
+        hit[(np.arange(cout) * t)[:, None] + order] = True
+        bad = np.nonzero(~hit.reshape(cout, t).all(axis=1))[0]
         if bad.size:
             c = int(bad[0])
             dup = np.nonzero(np.bincount(order[c], minlength=t) != 1)[0][0]
@@ -399,7 +406,7 @@ def _validate(layer: Layer, g, x):
     if layer.neg_start is not None:
         neg = _int_array("neg_start", layer.neg_start, (cout,), 0, t)
         wflat = w.reshape(cout, t)
-        ordered_w = np.take_along_axis(wflat, order, axis=1)
+        ordered_w = take_rows(wflat, order)
         after = np.arange(t)[None, :] >= neg[:, None]
         pos_after = after & (ordered_w > 0)
         if pos_after.any():
