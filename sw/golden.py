@@ -138,23 +138,22 @@ def _product_plan(w: np.ndarray, xmax: int):
     the taps are cut into chunks that each respect it (float32 products of the chunks, summed
     exactly in float64: about twice as fast as one float64 product). Returns ``"f32"``,
     ``"f64"``, ``"int"`` or the chunk starts. A copy of ``w`` with some weights zeroed has
-    smaller sums, so the plan holds for it too. ``_product_bound(w, xmax)`` is the bound.
+    smaller sums, so the plan holds for it too.
     """
-    absw = np.abs(w.astype(np.float32, copy=False))
-    xm = max(xmax, 1)
-    bound = _product_bound(absw, xm)
+    # Bounds from the per-tap maximum over rows (two reductions, no |w| copy): a set of taps
+    # whose maxima sum below 2**24 / xmax keeps every row's partial sums below 2**24.
+    colmax = np.maximum(w.max(axis=0), -w.min(axis=0)).astype(np.float64) * max(xmax, 1)
+    bound = float(colmax.sum())
     if bound < _F32_EXACT:
         return "f32"
     if bound >= _F64_EXACT:
         return "int"
-    t = w.shape[1]
-    n = int(np.ceil(bound / _F32_EXACT)) + 1
-    while n <= t:
-        starts = np.linspace(0, t, n + 1).astype(np.int64)[:-1]
-        if float(np.add.reduceat(absw, starts, axis=1, dtype=np.float64).max()) * xm < _F32_EXACT:
-            return starts
-        n *= 2
-    return "f64"
+    limit = _F32_EXACT - 1 - float(colmax.max())
+    if limit <= 0:
+        return "f64"
+    before = np.cumsum(colmax) - colmax                 # sum of the maxima before each tap
+    chunk = np.floor(before / limit)
+    return np.concatenate(([0], np.flatnonzero(np.diff(chunk)) + 1))
 
 
 def _product_bound(w: np.ndarray, xmax: int) -> float:
@@ -227,7 +226,7 @@ def requantize(acc: np.ndarray, M: np.ndarray, sh: np.ndarray, out_bits: int) ->
 
 # -- early termination -----------------------------------------------------------------------
 
-def _stop_points(L: Layer, acc, taps: _Taps, w2, g: int, plan):
+def _stop_points(L: Layer, acc, taps: _Taps, w2, w32, g: int, plan):
     """Per position: the check point where early termination stops (or ``T``) and whether it did.
 
     Returns ``(e, fired)``, both (Cout, P). ``fired`` is true when a rule fired at any check
@@ -242,7 +241,6 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, g: int, plan):
 
     b = L.b[:, None]
     rank = _ranks(L.order)
-    w32 = w2.astype(np.float32)       # masked copies below are made from this one
 
     def psum_at(e):          # psum after the first e[c] taps of order[c], all positions
         return b + _exact_products(np.where(rank < e[:, None], w32, 0), taps, taps.xmax, plan)
@@ -423,12 +421,13 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
     w2 = L.w.reshape(cout, t)
     taps = _Taps(xs, L)
 
-    plan = _product_plan(w2, taps.xmax)
-    acc = _exact_products(w2, taps, taps.xmax, plan)                  # (Cout, N*P)
+    w32 = w2.astype(np.float32)                 # small integers: exact; masked copies too
+    plan = _product_plan(w32, taps.xmax)
+    acc = _exact_products(w32, taps, taps.xmax, plan)                 # (Cout, N*P)
     acc += L.b[:, None]
     ets = L.et != "off"
     if ets:
-        e_stop, fired = _stop_points(L, acc, taps, w2, g, plan)
+        e_stop, fired = _stop_points(L, acc, taps, w2, w32, g, plan)
 
     if L.raw:
         value = np.clip(acc, 0, INT32_MAX, out=acc)
