@@ -333,12 +333,13 @@ def _first_stop(order, w2, w32, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Ta
     cols32 = reduced_taps(np.float32)
     small = cols32.size < _I32 and cout * (t + width) < _I32
     itype = np.int32 if small else np.int64
-    cols = cols32.astype(itype).ravel()                      # integers: exact conversion
+    # Position-major taps (one position's taps contiguous): a pair's gathers stay in one row.
+    cols = np.ascontiguousarray(cols32.T).astype(itype).ravel()   # integers: exact
     ordered_w = np.zeros((cout, t + width), itype)          # weight of the r-th tap, padded
     ordered_w[:, :t] = take_rows(w2, order)
-    ordered_row = np.zeros((cout, t + width), itype)         # its row in the flat tap matrix
-    ordered_row[:, :t] = order * n_cols
-    ordered_w, ordered_row = ordered_w.ravel(), ordered_row.ravel()
+    ordered_tap = np.zeros((cout, t + width), itype)         # its tap index
+    ordered_tap[:, :t] = order
+    ordered_w, ordered_tap = ordered_w.ravel(), ordered_tap.ravel()
     # Every term and every running sum of a window is within the layer's product bound (the
     # crossing also bounds psum(lo)): int32 holds them exactly when the bound allows.
     acc_type = np.int32 if small and _product_bound(w32, taps.xmax) < _I32 else np.int64
@@ -350,8 +351,8 @@ def _first_stop(order, w2, w32, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Ta
         c, lo = c_idx[sl], lo_rank[sl]
         flat = (c * (t + width) + lo).astype(itype)[:, None] + steps   # (n, width)
         terms = np.take(ordered_w, flat).astype(acc_type, copy=False)
-        terms *= np.take(cols, np.take(ordered_row, flat)
-                         + col_pos[p_idx[sl]].astype(itype)[:, None])
+        terms *= np.take(cols, np.take(ordered_tap, flat)
+                         + (col_pos[p_idx[sl]] * t).astype(itype)[:, None])
         run = np.cumsum(terms, axis=1, dtype=acc_type)
         below = run <= (-lo_psum[sl]).astype(acc_type)[:, None]          # psum <= 0
         if g > 1:
