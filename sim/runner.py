@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from skipconv.sim import bulk as _bulk
 from skipconv.sw.config import EngineConfig
 from skipconv.sw.paths import cache_dir
 
@@ -36,26 +37,35 @@ __all__ = ["SIMULATORS", "TOPLEVEL", "SimError", "SimBuild", "verilog_for", "bui
            "run_bench", "available_simulators"]
 
 SIMULATORS = ("verilator", "icarus")
-TOPLEVEL = "skipconv_engine"
+#: The simulated top: the bench wrapper around the engine (:mod:`skipconv.sim.bulk`), whose
+#: ports include the engine's under the same names.
+TOPLEVEL = "skipconv_tb"
+#: The generated engine's module (the file ``skipconv_engine.v``).
+ENGINE = "skipconv_engine"
 #: Simulation time unit and precision: Verilator is cycle based; a coarse step is cheapest.
 TIMESCALE = ("1ns", "1ps")
 #: Verilator options that matter for speed; Amaranth's Verilog needs its warnings waived
 #: (the lint verdict is ``skipconv generate``'s business, not the simulator's).
 VERILATOR_ARGS = ("-O3", "--x-assign", "fast", "--x-initial", "0", "-Wno-fatal", "-Wno-lint",
-                  "-Wno-style", "-Wno-UNOPTFLAT")
+                  "-Wno-style", "-Wno-UNOPTFLAT", "--timing", "-CFLAGS", "-std=c++20 -fcoroutines")
 #: C++ optimization of the per-cycle code: "-O1" by default (tests: short runs, compile time
 #: matters); benchmarks ask for more. The one-time construction code is always -O0 (most of
 #: the compile time, none of the run time).
 DEFAULT_OPT = "-O1"
 
 
+#: What ``skipconv bench engine`` asks for: -O2 runs the model ~2x faster than -O1 for a
+#: minute more of compile time (-O3 and -march=native gained nothing more here).
+BENCH_OPT = "-O2"
+
+
 def _make_vars(opt: str) -> tuple:
     return (f"OPT_FAST={opt}", "OPT_SLOW=-O0", f"OPT_GLOBAL={opt}",
             # The wheel's verilated.mk leaves this empty, which breaks multi-file models.
             "CFG_CXXFLAGS_PCH_I=-include")
-#: The only signals cocotb touches: the top-level ports (docs/protocol.md).
-PORTS = ("clk", "rst", "s_axis_tdata", "s_axis_tvalid", "s_axis_tready", "s_axis_tlast",
-         "m_axis_tdata", "m_axis_tvalid", "m_axis_tready", "m_axis_tlast", "busy", "error")
+#: The only signals cocotb touches: the wrapper's ports (the engine's, docs/protocol.md, and
+#: the bulk-transfer controls).
+PORTS = _bulk.PORTS
 _DONE = "skipconv-build.json"
 
 
@@ -134,13 +144,17 @@ def verilog_for(config: EngineConfig) -> Path:
             tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".gen-"))
             try:
                 produced = Path(write_verilog(config, tmp))
-                os.replace(produced, folder / f"{TOPLEVEL}.v")
+                os.replace(produced, folder / f"{ENGINE}.v")
                 if (tmp / "config.json").exists():
                     os.replace(tmp / "config.json", folder / "config.json")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             done.write_text(json.dumps({"config": config.to_dict()}, sort_keys=True))
-    return folder / f"{TOPLEVEL}.v"
+    return folder / f"{ENGINE}.v"
+
+
+def _wrapper(config: EngineConfig) -> str:
+    return _bulk.wrapper_verilog(config.bus_bits)
 
 
 def build(config: EngineConfig, sim: str = "verilator", *, waves: bool = False,
@@ -161,7 +175,8 @@ def build(config: EngineConfig, sim: str = "verilator", *, waves: bool = False,
     if sim == "verilator":
         _verilator_env()
     src = Path(verilog) if verilog is not None else verilog_for(config)
-    flavor = hashlib.sha256(repr((VERILATOR_ARGS, _make_vars(opt), PORTS, TIMESCALE)).encode())
+    flavor = hashlib.sha256(repr((VERILATOR_ARGS, _make_vars(opt), PORTS, TIMESCALE,
+                                  _wrapper(config))).encode())
     key = (f"{config.key}-{sim}-{_file_hash(src)}-{flavor.hexdigest()[:6]}"
            + ("-waves" if waves else ""))
     build_dir = cache_dir("sim", "build", key)
@@ -171,7 +186,7 @@ def build(config: EngineConfig, sim: str = "verilator", *, waves: bool = False,
             if log:
                 log(f"building {sim} model of engine {config.key} in {build_dir}")
             t0 = time.monotonic()
-            _run_build(sim, src, build_dir, waves, opt)
+            _run_build(sim, src, build_dir, waves, opt, _wrapper(config))
             done.write_text(json.dumps({"config": config.to_dict(), "sim": sim,
                                         "seconds": round(time.monotonic() - t0, 1)}))
     return SimBuild(config, sim, build_dir, src)
@@ -210,13 +225,15 @@ def strip_zero_memory_init(text: str) -> str:
     return "".join(out)
 
 
-def _verilator_source(src: Path, build_dir: Path) -> list[Path]:
-    dst = build_dir / f"{TOPLEVEL}.sim.v"
+def _verilator_source(src: Path, build_dir: Path, wrapper: str) -> list[Path]:
+    dst = build_dir / f"{ENGINE}.sim.v"
     dst.write_text(strip_zero_memory_init(Path(src).read_text()))
+    top = build_dir / f"{TOPLEVEL}.v"
+    top.write_text(wrapper)
     vlt = build_dir / "ports.vlt"
     vlt.write_text("`verilator_config\n" + "".join(
         f'public_flat_rw -module "{TOPLEVEL}" -var "{p}"\n' for p in PORTS))
-    return [vlt, dst]
+    return [vlt, top, dst]
 
 
 def _verilator_runner():
@@ -236,15 +253,17 @@ def _verilator_runner():
     return PortsOnlyVerilator()
 
 
-def _run_build(sim, src: Path, build_dir: Path, waves: bool, opt: str = DEFAULT_OPT):
+def _run_build(sim, src: Path, build_dir: Path, waves: bool, opt: str, wrapper: str):
     from cocotb_tools.runner import get_runner
     logfile = build_dir / "build.log"
-    sources = [src]
     if sim == "verilator":
         runner = _verilator_runner()
-        sources = _verilator_source(src, build_dir)
+        sources = _verilator_source(src, build_dir, wrapper)
     else:
         runner = get_runner(sim)
+        top = build_dir / f"{TOPLEVEL}.v"
+        top.write_text(wrapper)
+        sources = [top, src]
     kwargs = dict(sources=sources, hdl_toplevel=TOPLEVEL, build_dir=build_dir, always=True,
                   waves=waves, timescale=TIMESCALE, log_file=logfile)
     if sim == "verilator":
@@ -299,7 +318,10 @@ def run_bench(sim_build: SimBuild, test_module: str, job, *, seed: int = 0,
     progress_path = work / "progress"
     env = {"SKIPCONV_SIM_JOB": str(job_path), "SKIPCONV_SIM_OUT": str(out_path),
            "SKIPCONV_SIM_PROGRESS": str(progress_path),
-           "COCOTB_LOG_LEVEL": os.environ.get("COCOTB_LOG_LEVEL", "WARNING" if quiet else "INFO")}
+           "COCOTB_LOG_LEVEL": os.environ.get("COCOTB_LOG_LEVEL", "WARNING" if quiet else "INFO"),
+           # The golden model's matrix products in the bench are small: extra BLAS threads
+           # only spin (measured: ~5% of the simulator process' CPU time).
+           "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1")}
     # The runner exits the process under pytest on failure; hide that and raise SimError.
     saved = os.environ.pop("PYTEST_CURRENT_TEST", None)
     watcher = _ProgressWatcher(progress_path, progress) if progress else None

@@ -11,7 +11,9 @@
 * :class:`InOrderChecker` compares expected and actual messages word for word (only the
   ``cycles`` words of ``COUNTERS`` are the engine's own).
 
-Python stays off the per-cycle path while the engine computes: every component waits on
+The cocotbext-axi models are created on first use (a job that runs only bulk steps, see
+:mod:`skipconv.sim.bulk`, has none: their value-change callbacks would be checked at every
+edge). Python stays off the per-cycle path while the engine computes: every component waits on
 queue events or on edges of ``tvalid``, and the stall generators run only while a stream is
 transferring.
 
@@ -50,11 +52,18 @@ class CommandDriver:
     """Sends chunks of command words as AXI-Stream frames (``tlast`` where a chunk asks)."""
 
     def __init__(self, dut, config):
+        self.dut = dut
         self.config = config
-        self.source = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis"), dut.clk, dut.rst,
-                                      byte_lanes=1)
-        _quiet(self.source)
+        self.source = None
         self.frames_sent = 0
+
+    def start(self):
+        """Create the AXI-Stream source (on first use: a bulk-only job never needs it)."""
+        if self.source is None:
+            dut = self.dut
+            self.source = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis"), dut.clk,
+                                          dut.rst, byte_lanes=1)
+            _quiet(self.source)
 
     def frames(self, chunks):
         """Group chunks into frames: a frame ends with a chunk whose ``last`` is set."""
@@ -70,6 +79,7 @@ class CommandDriver:
 
     async def send(self, chunks, stall: float = 0.0, seed: int = 0):
         """Queue every frame of ``chunks``; return when the engine has accepted them all."""
+        self.start()
         if stall:
             self.source.set_pause_generator(stall_pattern(seed, stall))
         for beats in self.frames(chunks):
@@ -104,13 +114,20 @@ class CommandMonitor:
     """Passes every frame the engine accepted on ``s_axis`` to the model."""
 
     def __init__(self, dut, model: Model):
-        self.mon = AxiStreamMonitor(AxiStreamBus.from_prefix(dut, "s_axis"), dut.clk, dut.rst,
-                                    byte_lanes=1)
-        _quiet(self.mon)
+        self.dut = dut
+        self.mon = None
         self.model = model
         self.frames_seen = 0
         self.seen = Event()
-        self._task = cocotb.start_soon(self._run())
+
+    def start(self):
+        """Start watching (on first use: every value-change callback costs at every edge)."""
+        if self.mon is None:
+            dut = self.dut
+            self.mon = AxiStreamMonitor(AxiStreamBus.from_prefix(dut, "s_axis"), dut.clk,
+                                        dut.rst, byte_lanes=1)
+            _quiet(self.mon)
+            self._task = cocotb.start_soon(self._run())
 
     async def _run(self):
         while True:
@@ -126,9 +143,7 @@ class ResultMonitor:
     def __init__(self, dut, config):
         self.dut = dut
         self.config = config
-        self.sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_axis"), dut.clk, dut.rst,
-                                  byte_lanes=1)
-        _quiet(self.sink)
+        self.sink = None
         self.parser = P.ResultParser(config)
         self.actual: list[P.Message] = []
         self.changed = Event()          # for the test: a message arrived
@@ -136,32 +151,55 @@ class ResultMonitor:
         self.errors: list[str] = []
         self.stall = 0.0
         self.seed = 0
-        self._task = cocotb.start_soon(self._run())
         self._stall_task = None
+
+    def start(self):
+        """Create the AXI-Stream sink (on first use: a bulk-only job never needs it)."""
+        if self.sink is None:
+            dut = self.dut
+            self.sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_axis"), dut.clk, dut.rst,
+                                      byte_lanes=1)
+            _quiet(self.sink)
+            self._task = cocotb.start_soon(self._run())
 
     def reset(self):
         self.parser = P.ResultParser(self.config)
-        while not self.sink.empty():
+        while self.sink is not None and not self.sink.empty():
             self.sink.recv_nowait()
 
     async def _run(self):
-        n = P.words_per_beat(self.config)
         while True:
             frame = await self.sink.recv()
-            words = [(int(d) >> (32 * j)) & P.WORD_MASK for d in frame.tdata for j in range(n)]
-            try:
-                msgs = self.parser.feed_words(words)
-            except P.ProtocolError as e:
-                self.errors.append(f"result stream: {e}")
-                self.parser = P.ResultParser(self.config)
-                msgs = []
-            if len(msgs) != 1 or not self.parser.idle:
-                self.errors.append(f"a result frame of {len(frame.tdata)} beats held "
-                                   f"{len(msgs)} messages (tlast must end each message)")
-                self.parser = P.ResultParser(self.config)
-            self.actual += msgs
-            self.changed.set()
-            self._arrived.set()
+            self.frame(list(frame.tdata))
+
+    def frame(self, beats: list[int]):
+        """One result frame (the beats up to a ``tlast``): it must hold exactly one message."""
+        n = P.words_per_beat(self.config)
+        words = [(int(d) >> (32 * j)) & P.WORD_MASK for d in beats for j in range(n)]
+        try:
+            msgs = self.parser.feed_words(words)
+        except P.ProtocolError as e:
+            self.errors.append(f"result stream: {e}")
+            self.parser = P.ResultParser(self.config)
+            msgs = []
+        if len(msgs) != 1 or not self.parser.idle:
+            self.errors.append(f"a result frame of {len(beats)} beats held "
+                               f"{len(msgs)} messages (tlast must end each message)")
+            self.parser = P.ResultParser(self.config)
+        self.actual += msgs
+        self.changed.set()
+        self._arrived.set()
+
+    def bulk_beats(self, beats: list[tuple[int, bool]]) -> list[int]:
+        """Beats captured by the bulk wrapper: whole frames go to :meth:`frame`; returns the
+        beats of an unfinished frame (no ``tlast`` yet)."""
+        frame = []
+        for data, last in beats:
+            frame.append(data)
+            if last:
+                self.frame(frame)
+                frame = []
+        return frame
 
     def start_stalls(self, rate: float, seed: int):
         """Random ``tready`` stalls while results flow; none while the engine computes."""
@@ -173,8 +211,9 @@ class ResultMonitor:
         if self._stall_task is not None:
             self._stall_task.cancel()
             self._stall_task = None
-        self.sink.clear_pause_generator()
-        self.sink.pause = False
+        if self.sink is not None:
+            self.sink.clear_pause_generator()
+            self.sink.pause = False
 
     async def _stall_control(self):
         tvalid = self.dut.m_axis_tvalid

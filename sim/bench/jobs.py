@@ -35,8 +35,9 @@ def reset_step(layer: Layer, x: np.ndarray, config: EngineConfig, *, after: int,
     return {"op": "reset", "tag": tag, "chunks": chunks, "after": int(after)}
 
 
-def job(steps: list[dict]) -> dict:
-    return {"steps": steps}
+def job(steps: list[dict], *, bulk: bool = True) -> dict:
+    """A job; ``bulk`` = False sends every step through cocotbext-axi (beat by beat)."""
+    return {"steps": steps, "bulk": bool(bulk)}
 
 
 def run_result(step_output: dict, layer: Layer, trace: bool = True):

@@ -9,6 +9,11 @@ Started by :func:`skipconv.sim.runner.run_bench` with a job built by
   ``busy``, let it run ``after`` cycles, pulse ``rst``; the replies received before the reset
   are checked, and after it the engine must stay silent and idle.
 
+A ``commands`` step without stalls runs in bulk (unless the job says ``"bulk": False``): the
+wrapper around the engine (:mod:`skipconv.sim.bulk`) streams all its command beats at full
+rate and captures the result beats, which are then checked exactly as on the cocotbext-axi
+path. Steps with stalls (and reset steps) go through cocotbext-axi, beat by beat.
+
 The output (see :func:`run`) has, per step, the engine's reply messages, the expected ones and
 every mismatch, plus the simulated cycles and wall time of the whole job.
 """
@@ -23,6 +28,7 @@ from cocotb.triggers import RisingEdge, SimTimeoutError, Timer, with_timeout
 from cocotb.utils import get_sim_time
 
 from skipconv.sim import runner
+from skipconv.sim.bulk import BulkStreams
 from skipconv.sim.bench.components import (CLOCK_NS, CommandDriver, CommandMonitor,
                                            InOrderChecker, Model, ResultMonitor)
 from skipconv.sw import protocol as P
@@ -38,6 +44,10 @@ class EngineTestbench:
         self.driver = CommandDriver(dut, config)
         self.cmd_mon = CommandMonitor(dut, self.model)
         self.results = ResultMonitor(dut, config)
+        self.bulk = BulkStreams(dut, config.bus_bits, CLOCK_NS)
+        self.clock = Clock(dut.clk, CLOCK_NS, unit="ns", impl="gpi")
+        self.in_bulk = None
+        self.pending: list[int] = []     # bulk path: beats of a result frame not yet ended
         self.checker = InOrderChecker()
         self.exp_done = 0           # expected messages of the steps already checked
         self.act_done = 0           # actual messages of the steps already checked
@@ -45,11 +55,29 @@ class EngineTestbench:
     def cycles(self) -> int:
         return int(get_sim_time("ns") // CLOCK_NS)
 
+    def mode(self, bulk: bool):
+        """Bulk mode (the wrapper's clock and buffers) or the cocotbext-axi path (cocotb's
+        clock on ``clk``); switched between steps, with both streams idle."""
+        if bulk == self.in_bulk:
+            return
+        if bulk:
+            if self.in_bulk is False:
+                self.clock.stop()
+            self.dut.bulk.value = 1
+        else:
+            self.dut.bulk.value = 0
+            self.clock.start()
+        self.in_bulk = bulk
+
+    @property
+    def clk(self):
+        return self.dut.bulk_clk if self.in_bulk else self.dut.clk
+
     async def reset(self, cycles: int = 4):
         self.dut.rst.value = 1
         await Timer(cycles * CLOCK_NS, "ns")
         self.dut.rst.value = 0
-        await RisingEdge(self.dut.clk)
+        await RisingEdge(self.clk)
 
     async def _all_seen(self):
         while self.cmd_mon.frames_seen < self.driver.frames_sent:
@@ -96,9 +124,43 @@ class EngineTestbench:
         self.act_done = len(self.results.actual)
         return exp, act, errors
 
+    async def step_bulk(self, step) -> dict:
+        """A step without stalls: the wrapper streams the commands and captures the results
+        (:mod:`skipconv.sim.bulk`); the model and the checks are those of the other path."""
+        tag, chunks = step["tag"], step["chunks"]
+        t0 = self.cycles()
+        self.mode(True)
+        data, last = [], []
+        for beats in self.driver.frames(chunks):
+            self.model.commands(beats)          # the wrapper streams every beat, in order
+            data += beats
+            last += [False] * (len(beats) - 1) + [True]
+        expected = self.model.expected[self.exp_done:]
+        beats, in_time = await self.bulk.exchange(
+            data, last, len(expected), budget_cycles=self._budget_cycles(chunks, expected))
+        rest = self.results.bulk_beats(self.pending + beats)
+        self.pending = rest
+        errors = []
+        if not in_time:
+            got = len(self.results.actual) - self.act_done
+            errors.append(f"{tag}: engine hung: {got} of {len(expected)} replies "
+                          f"({', '.join(m.name for m in expected)}) after "
+                          f"{self.cycles() - t0} cycles")
+        expected, actual, more = self._close_step(tag)
+        return {"tag": tag, "expected": expected, "actual": actual, "errors": errors + more,
+                "cycles": self.cycles() - t0}
+
+    def _axi(self):
+        """The cocotbext-axi path: models on both streams, the wrapper's ports connected."""
+        self.mode(False)
+        self.driver.start()
+        self.cmd_mon.start()
+        self.results.start()
+
     async def step_commands(self, step) -> dict:
         tag, chunks = step["tag"], step["chunks"]
         t0 = self.cycles()
+        self._axi()
         if step.get("stall_out"):
             self.results.start_stalls(step["stall_out"], step.get("seed", 0))
         await self.driver.send(chunks, step.get("stall_in", 0.0), step.get("seed", 0))
@@ -124,6 +186,7 @@ class EngineTestbench:
         tag, chunks = step["tag"], step["chunks"]
         t0 = self.cycles()
         errors = []
+        self._axi()
         await self.driver.send(chunks)
         await self._all_seen()
         try:
@@ -135,6 +198,7 @@ class EngineTestbench:
         if not self.dut.busy.value:
             errors.append(f"{tag}: the layer finished before the reset; pick a smaller 'after'")
         await self.reset()
+        self.pending = []
         # The replies that came before the reset are checked; the rest is void.
         got = len(self.results.actual) - self.act_done
         self.model.reset()
@@ -157,16 +221,24 @@ class EngineTestbench:
 async def run(dut):
     """Run the job of :func:`skipconv.sim.runner.load_job` and save its output."""
     config, job = runner.load_job()
-    Clock(dut.clk, CLOCK_NS, unit="ns", impl="gpi").start()
+    # The clock: cocotb's (GPI) on the cocotbext-axi path, the wrapper's own in bulk mode
+    # (skipconv.sim.bulk): no Python and no VPI write per edge.
     dut.s_axis_tvalid.value = 0
     dut.m_axis_tready.value = 0
+    bulk = job.get("bulk", True)
     tb = EngineTestbench(dut, config)
+    first = job["steps"][0] if job["steps"] else {}
+    tb.mode(bulk and first.get("op") == "commands" and not (first.get("stall_in")
+                                                            or first.get("stall_out")))
     await tb.reset()
     wall0, cpu0, cyc0 = time.perf_counter(), time.process_time(), tb.cycles()
     steps = []
     for k, step in enumerate(job["steps"]):
         runner.report_progress(k, len(job["steps"]))
-        if step["op"] == "commands":
+        if step["op"] == "commands" and bulk and not (step.get("stall_in")
+                                                     or step.get("stall_out")):
+            steps.append(await tb.step_bulk(step))
+        elif step["op"] == "commands":
             steps.append(await tb.step_commands(step))
         elif step["op"] == "reset":
             steps.append(await tb.step_reset(step))
@@ -175,6 +247,13 @@ async def run(dut):
     # Nothing may come after the last expected reply.
     await Timer(100 * CLOCK_NS, "ns")
     tail = []
+    if tb.bulk.beats_in:
+        tb.mode(True)
+        tb.bulk.captured = []
+        await tb.bulk.drain()
+        tb.pending = tb.results.bulk_beats(tb.pending + tb.bulk.captured)
+        if tb.pending:
+            tail.append(f"a result frame of {len(tb.pending)} beats without tlast at the end")
     if len(tb.results.actual) > tb.act_done:
         tail.append(f"{len(tb.results.actual) - tb.act_done} unexpected messages at the end: "
                     + ", ".join(m.name for m in tb.results.actual[tb.act_done:][:5]))

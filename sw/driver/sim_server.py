@@ -63,6 +63,7 @@ async def serve(dut):
     # both streams are idle, no Python runs per cycle.
     Clock(dut.clk, CLOCK_NS, unit="ns", impl="gpi").start()
     dut.rst.value = 1
+    dut.bulk.value = 0
     source = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis"), dut.clk, dut.rst)
     sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_axis"), dut.clk, dut.rst)
     for obj in (source, sink):
