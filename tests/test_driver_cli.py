@@ -61,6 +61,31 @@ def test_demo_golden_smoke(tmp_path, capsys):
     assert (out / "report.md").is_file() and (out / "savings_by_reason.png").is_file()
 
 
+def test_demo_dense_baseline_is_measured_where_the_device_counts_cycles():
+    """The demo's dense-engine cycles come from running the dense layers on the same device
+    (the responder counts cycles); on the golden device, which counts none, they stay ideal."""
+    from skipconv.sw.driver.demo import _measure_dense_baseline, demo_config
+    from skipconv.sw.driver.device import GoldenDevice, open_device
+    from skipconv.sw.driver.offload import dense_engine_cycles, offload
+    from skipconv.sw.methods.snapea import exact
+
+    net = export.export(zoo.get_model("lenet", progress=False), data.mnist_split("calib").x)
+    layers = [L if L.act_signed else exact(L) for L in net.layers]
+    x = data.mnist_split("test").x[:1]
+    config = demo_config()
+    dev = open_device("responder", config)
+    res = offload(net, dev, x, layers=layers, progress=False)
+    base = _measure_dense_baseline(net, dev, x, res, progress=False)
+    assert base["kind"] == "measured" and base["mismatch"] is None
+    dense = offload(net, open_device("responder", config), x, progress=False)
+    assert [s.dense_cycles for s in res.layers] == [s.cycles for s in dense.layers]
+
+    gold = offload(net, GoldenDevice(config), x, layers=layers, progress=False)
+    assert _measure_dense_baseline(net, GoldenDevice(config), x, gold, False)["kind"] == "ideal"
+    assert [s.dense_cycles for s in gold.layers] == [dense_engine_cycles(L, config)
+                                                      for L in net.layers]
+
+
 def test_emulate_opens_a_pty_and_stops(capsys):
     assert main(["emulate", "--seconds", "0.3"]) == 0
     out = capsys.readouterr().out
