@@ -43,6 +43,15 @@ def add_arguments(parser):
     parser.add_argument("--gt", type=int, default=2, help="zero_pred granularity (windows per cluster side)")
     parser.add_argument("--mask", default="impact", choices=("uniform", "grid", "pooling", "impact"),
                         help="perforation mask type")
+    parser.add_argument("--joint-search", default="train", choices=("train", "calib"),
+                        help="joint: rank moves on training images and back off on the "
+                             "calibration images (train, default), or search on the "
+                             "calibration images alone (calib)")
+    parser.add_argument("--search-images", type=int, default=None, metavar="N",
+                        help="joint: training images the search uses (default 1000)")
+    parser.add_argument("--val-margin", type=float, default=None, metavar="F",
+                        help="joint: share of eps the back-off allows on the calibration "
+                             "images (default 0.5)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -57,6 +66,12 @@ def run(args) -> int:
     from .methods.executor import default_executor
     from .methods.run import optimize_model
     options = {"mode": args.mode, "p": args.p, "gt": args.gt, "mask": args.mask}
+    if args.method == "joint":
+        options["search"] = args.joint_search
+        if args.search_images is not None:
+            options["search_images"] = args.search_images
+        if args.val_margin is not None:
+            options["val_margin"] = args.val_margin
     if args.ones_range:
         lo, hi = (int(v) for v in args.ones_range.split(","))
         options["ones_range"] = (lo, hi)

@@ -118,3 +118,28 @@ def test_joint_configuration_respects_eps_on_the_test_split(lenet):
                           splits["test"].y[:400].numpy(), eps, progress=False)
     assert verdict["mac_reduction"] > 0.2
     assert verdict["within_eps"], verdict["drop"]
+
+
+def test_joint_search_on_train_images_backs_off_on_held_out_ones(lenet):
+    model, net, splits = lenet
+    eps = 0.01
+    ev = _ev(net, splits["train"], 150)           # search: training images, margin loss
+    val = _ev(net, splits["calib"], 200)          # back-off: held-out images (not test)
+    lad = joint.build_ladders(ev, model=model, zp_windows=(2,), velcro_steps=(0.2, 0.4),
+                              perf_rates=(0.3, 0.6), tolerances=(0.0, 0.04, 0.15))
+    res = joint.optimize(ev, eps, ladders=lad, max_jump=1, max_rounds=6, objective="margin",
+                         nll_cap=None, val=val, val_margin=0.5, val_stop=1.0, progress=False)
+    assert len(res.val) == len(res.history) >= 2
+    drops = [v["drop"] for v in res.val]
+    assert drops[res.chosen] <= eps * 0.5 + 1e-12
+    assert all(d > eps * 0.5 for d in drops[res.chosen + 1:])     # the last one within
+    assert all(d <= eps for d in drops[:-1])                      # stopped at the first > eps
+    r = val.run(res.plan)                                         # the plan is that step's
+    assert val.base.acc - val.guarded_acc(r) == pytest.approx(drops[res.chosen])
+    assert ev.run(res.plan).saved == res.history[res.chosen][3]
+
+
+def test_margin_loss_counts_losses_only():
+    from skipconv.sw.methods.common import margins
+    z = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
+    assert margins(z, np.array([0, 0])).tolist() == [2.0, -2.0]

@@ -22,7 +22,7 @@ import numpy as np
 from ..layer import Layer
 from .emulate import COUNTERS, emulate
 
-__all__ = ["Evaluation", "NetEval", "golden_eval", "mac_reduction", "sum_counters",
+__all__ = ["Evaluation", "NetEval", "golden_eval", "mac_reduction", "margins", "sum_counters",
            "plan_from_layers", "validate_plan"]
 
 
@@ -50,6 +50,7 @@ class Evaluation:
     layers: list                     # per engine layer: dict of MAC counters
     positions: list = field(default_factory=list)   # per engine layer: outcome counts
     pred: np.ndarray | None = None   # (N,) predicted classes
+    logits: np.ndarray | None = None  # (N, classes) float64
 
     @property
     def total(self) -> dict:
@@ -75,13 +76,23 @@ def _logits_np(logits) -> np.ndarray:
     return np.asarray(logits, dtype=np.float64)
 
 
-def _score(logits, y) -> tuple[float, float, np.ndarray]:
+def _score(logits, y) -> tuple[float, float, np.ndarray, np.ndarray]:
     z = _logits_np(logits)
     pred = z.argmax(axis=1)
     zs = z - z.max(axis=1, keepdims=True)
     logp = zs - np.log(np.exp(zs).sum(axis=1, keepdims=True))
     y = np.asarray(y, np.int64)
-    return float((pred == y).mean()), float(-logp[np.arange(len(y)), y].mean()), pred
+    return float((pred == y).mean()), float(-logp[np.arange(len(y)), y].mean()), pred, z
+
+
+def margins(logits, y) -> np.ndarray:
+    """Per image, the label's logit minus the largest other logit (< 0: misclassified)."""
+    z = np.array(_logits_np(logits), dtype=np.float64)
+    y = np.asarray(y, np.int64)
+    rows = np.arange(len(y))
+    own = z[rows, y].copy()
+    z[rows, y] = -np.inf
+    return own - z.max(axis=1)
 
 
 def _fingerprint_array(a) -> bytes:
@@ -137,6 +148,7 @@ class NetEval:
         self.g = int(g)
         self.layers = list(net.layers)
         self._base = None
+        self._base_margins = None
         # Greedy searches change one layer at a time: the layers before it see the same input
         # with the same configuration, so their results are reused (content-keyed).
         self._cache = OrderedDict()
@@ -190,9 +202,9 @@ class NetEval:
             return r.out[0] if single else r.out
 
         logits = self.net.forward_int(self.x, conv=conv)
-        acc, nll, pred = _score(logits, self.y)
+        acc, nll, pred, z = _score(logits, self.y)
         ev = Evaluation(acc=acc, nll=nll, layers=[c or {k: 0 for k in COUNTERS} for c in per_layer],
-                        positions=positions, pred=pred)
+                        positions=positions, pred=pred, logits=z)
         return (ev, ins, outs) if capture else ev
 
     @property
@@ -210,6 +222,16 @@ class NetEval:
         0.2-0.4 point calibration drops before this rule)."""
         right = self.base.pred == self.y
         return self.base.acc - float(np.mean(right & (r.pred != self.y)))
+
+    def margin_loss(self, r: Evaluation) -> float:
+        """Mean over the images of the loss of logit margin (label minus the best other class)
+        against the dense network, losses only. It does not saturate on images the network is
+        sure of, so it measures how far a configuration moves the network's outputs even on
+        images it classifies with a wide margin (e.g. its own training images), where top-1
+        and NLL barely move."""
+        if self._base_margins is None:
+            self._base_margins = margins(self.base.logits, self.y)
+        return float(np.maximum(self._base_margins - margins(r.logits, self.y), 0.0).mean())
 
     def subset(self, idx) -> "NetEval":
         idx = np.asarray(idx)
@@ -256,5 +278,6 @@ def golden_eval(net, plan: dict, x, y, g: int = 1, *, progress: bool = True,
         logits = net.forward_int(x, conv=conv)
     finally:
         bar.close()
-    acc, nll, pred = _score(logits, y)
-    return Evaluation(acc=acc, nll=nll, layers=per_layer, positions=positions, pred=pred)
+    acc, nll, pred, z = _score(logits, y)
+    return Evaluation(acc=acc, nll=nll, layers=per_layer, positions=positions, pred=pred,
+                      logits=z)
