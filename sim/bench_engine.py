@@ -175,7 +175,7 @@ def run_on_engine(config, items, *, sim="verilator", progress=True, label="",
         verilog = Path(verilog_from) / config.key / "skipconv_engine.v"
         if not verilog.exists():
             raise SystemExit(f"skipconv bench engine: {verilog} does not exist")
-    build = runner.build(config, sim, log=say, verilog=verilog, opt=runner.BENCH_OPT)
+    build = runner.build(config, sim, log=say, verilog=verilog, opt=runner.BENCH_OPT, pgo=True)
     steps, plan = [], []
     for name, layer, x in items:
         tiles = plan_tiles(layer, config)

@@ -251,7 +251,12 @@ class BulkStreams:
         data, last = list(data), list(last)
         in_time = True
         try:
-            for lo in range(0, max(len(data), 1), DEPTH):
+            if not data:                        # nothing to send: only wait for results
+                dut.want_msgs.value = target
+                await self._edge()              # (the write may miss this edge)
+                await self._edge()              # attn is recomputed with want_msgs
+                await self._until_attn(deadline)
+            for lo in range(0, len(data), DEPTH):
                 hi = min(lo + DEPTH, len(data))
                 final = hi >= len(data)
                 write_beats(self.workdir / CMD_FILE, data[lo:hi], last[lo:hi], self.bus_bits)

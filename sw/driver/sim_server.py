@@ -17,6 +17,11 @@ Requests (host to simulator): one op byte and a u32 little-endian length, then t
 * ``Q``: finish the test.
 
 While the host computes (tiling, encoding, PyTorch), simulated time stands still.
+
+By default (job ``"bulk": True``) the streams run in the bulk mode of the bench wrapper
+(:mod:`skipconv.sim.bulk`): the queued command messages go to the engine at full rate when
+the host asks for a reply, and the result beats are captured in the simulator, a few Python
+wake-ups per batch. ``"bulk": False`` uses cocotbext-axi models beat by beat.
 """
 
 from __future__ import annotations
@@ -57,25 +62,59 @@ async def serve(dut):
 
     from skipconv.sim.runner import load_job, save_output
 
-    _, job = load_job()
+    config, job = load_job()
     port = int(job["port"])
-    # The clock toggles in the simulator (GPI), not in Python: while the engine computes and
-    # both streams are idle, no Python runs per cycle.
-    Clock(dut.clk, CLOCK_NS, unit="ns", impl="gpi").start()
+    bulk = bool(job.get("bulk", True))
     dut.rst.value = 1
-    dut.bulk.value = 0
-    source = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis"), dut.clk, dut.rst)
-    sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_axis"), dut.clk, dut.rst)
-    for obj in (source, sink):
-        obj.log.setLevel(logging.WARNING)       # no line per frame
-    await ClockCycles(dut.clk, 4)
+    if bulk:
+        # The wrapper streams whole batches of commands and captures the results; its own
+        # clock runs the engine (skipconv.sim.bulk).
+        from skipconv.sim.bulk import BulkStreams
+        dut.bulk.value = 1
+        streams = BulkStreams(dut, config.bus_bits, CLOCK_NS)
+        clk = dut.bulk_clk
+        beat_bytes = config.bus_bits // 8
+        pending: list[bytes] = []           # command messages not sent yet
+        partial: list[int] = []             # beats of a result message not ended yet
+        results: list[bytes] = []           # result messages not asked for yet
+    else:
+        # The clock toggles in the simulator (GPI), not in Python: while the engine computes
+        # and both streams are idle, no Python runs per cycle.
+        Clock(dut.clk, CLOCK_NS, unit="ns", impl="gpi").start()
+        dut.bulk.value = 0
+        clk = dut.clk
+        source = AxiStreamSource(AxiStreamBus.from_prefix(dut, "s_axis"), dut.clk, dut.rst)
+        sink = AxiStreamSink(AxiStreamBus.from_prefix(dut, "m_axis"), dut.clk, dut.rst)
+        for obj in (source, sink):
+            obj.log.setLevel(logging.WARNING)       # no line per frame
+    await ClockCycles(clk, 4)
     dut.rst.value = 0
-    await RisingEdge(dut.clk)
+    await RisingEdge(clk)
 
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     stats = {"cycles": 0, "sim_s": 0.0, "messages_in": 0, "messages_out": 0}
-    edge = RisingEdge(dut.clk)
+    edge = RisingEdge(clk)
+
+    async def bulk_recv(limit):
+        """The next result message (bulk mode), or None after ``limit`` cycles."""
+        nonlocal partial
+        if not results:
+            data, last = [], []
+            for msg in pending:
+                n = len(msg) // beat_bytes
+                data += [int.from_bytes(msg[i * beat_bytes:(i + 1) * beat_bytes], "little")
+                         for i in range(n)]
+                last += [False] * (n - 1) + [True]
+            pending.clear()
+            beats, _ = await streams.exchange(data, last, 1, budget_cycles=max(1, int(limit)),
+                                              quiet_cycles=0)
+            for value, end in beats:
+                partial.append(value)
+                if end:
+                    results.append(b"".join(v.to_bytes(beat_bytes, "little") for v in partial))
+                    partial = []
+        return results.pop(0) if results else None
 
     def now_cycles():
         return int(get_sim_time("ns")) // CLOCK_NS
@@ -89,13 +128,18 @@ async def serve(dut):
             op, n = head[:1], struct.unpack("<I", head[1:])[0]
             payload = _recv_exact(sock, n) if n else b""
             if op == b"M":
-                await source.send(AxiStreamFrame(payload))   # queued, sent while clocking
+                if bulk:
+                    pending.append(payload)                  # sent with the next R
+                else:
+                    await source.send(AxiStreamFrame(payload))   # queued, sent while clocking
                 stats["messages_in"] += 1
             elif op == b"R":
                 (limit,) = struct.unpack("<Q", payload)
                 t0, c0 = time.perf_counter(), now_cycles()
                 frame = None
-                if sink.empty():
+                if bulk:
+                    frame = await bulk_recv(limit)
+                elif sink.empty():
                     recv = cocotb.start_soon(sink.recv())
                     # One timer, not a per-edge count: no Python per cycle while waiting.
                     await First(recv, Timer(max(1, int(limit)) * CLOCK_NS, "ns"))
@@ -113,7 +157,7 @@ async def serve(dut):
                           .encode())
                 else:
                     stats["messages_out"] += 1
-                    _send(sock, b"r", bytes(frame.tdata))
+                    _send(sock, b"r", frame if bulk else bytes(frame.tdata))
             elif op == b"S":
                 stats["now_cycles"] = now_cycles()
                 _send(sock, b"s", json.dumps(stats).encode())
