@@ -65,11 +65,12 @@ class CommandDriver:
                                           dut.rst, byte_lanes=1)
             _quiet(self.source)
 
-    def frames(self, chunks):
+    def frames(self, chunks, config=None):
         """Group chunks into frames: a frame ends with a chunk whose ``last`` is set."""
+        config = config or self.config
         beats = []
         for words, last in chunks:
-            for data, _ in P.beats(words, self.config):
+            for data, _ in P.beats(words, config):
                 beats.append(data)
             if last:
                 yield beats
@@ -104,6 +105,10 @@ class Model:
         n = P.words_per_beat(self.config)
         for data in beats:
             words += [(int(data) >> (32 * j)) & P.WORD_MASK for j in range(n)]
+        self.command_words(words)
+
+    def command_words(self, words: list[int]):
+        """One accepted frame as its words (whole beats, ``tlast`` on the last)."""
         self.expected += self.responder.feed(words, last=True)
 
     def reset(self):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 
 import cocotb
+import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge, SimTimeoutError, Timer, with_timeout
 from cocotb.utils import get_sim_time
@@ -32,6 +33,30 @@ from skipconv.sim.bulk import BulkStreams
 from skipconv.sim.bench.components import (CLOCK_NS, CommandDriver, CommandMonitor,
                                            InOrderChecker, Model, ResultMonitor)
 from skipconv.sw import protocol as P
+
+
+def _frames(chunks, config):
+    """``(words, beats)`` per frame of ``chunks`` (what :meth:`CommandDriver.frames` sends):
+    the frame's words, each chunk padded to whole beats, and its beats as bus words."""
+    n = P.words_per_beat(config)
+    if n > 2:
+        for beats in CommandDriver.frames(None, chunks, config):
+            words = [(int(d) >> (32 * j)) & P.WORD_MASK for d in beats for j in range(n)]
+            yield words, beats
+        return
+    parts = []
+    for words, last in chunks:
+        a = np.asarray(words, dtype=np.uint64) & np.uint64(P.WORD_MASK)
+        if len(a) % n:
+            a = np.concatenate([a, np.zeros(n - len(a) % n, np.uint64)])
+        parts.append(a)
+        if last:
+            w = np.concatenate(parts)
+            parts = []
+            beats = w if n == 1 else w[0::2] | (w[1::2] << np.uint64(32))
+            yield w.tolist(), beats.tolist()
+    if parts:
+        raise ValueError("the last chunk of a command sequence must carry tlast")
 
 
 class EngineTestbench:
@@ -131,8 +156,8 @@ class EngineTestbench:
         t0 = self.cycles()
         self.mode(True)
         data, last = [], []
-        for beats in self.driver.frames(chunks):
-            self.model.commands(beats)          # the wrapper streams every beat, in order
+        for words, beats in _frames(chunks, self.config):
+            self.model.command_words(words)     # the wrapper streams every beat, in order
             data += beats
             last += [False] * (len(beats) - 1) + [True]
         expected = self.model.expected[self.exp_done:]
