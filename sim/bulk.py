@@ -144,9 +144,14 @@ class BulkTimeout(Exception):
 
 def write_beats(path: Path, data, last, bus_bits: int) -> None:
     """Write beats (``data`` ints, ``last`` bools) as ``$readmemh`` lines ``{tlast, tdata}``."""
-    top = 1 << int(bus_bits)
-    text = "\n".join(f"{(top if l else 0) | int(d):x}" for d, l in zip(data, last))
-    Path(path).write_text(text + "\n")
+    if bus_bits < 64:
+        import numpy as np
+        values = (np.asarray(data, np.uint64)
+                  | (np.asarray(last, np.uint64) << np.uint64(bus_bits))).tolist()
+    else:
+        top = 1 << int(bus_bits)
+        values = [(top if l else 0) | int(d) for d, l in zip(data, last)]
+    Path(path).write_text("\n".join(map("{:x}".format, values)) + "\n")
 
 
 def read_beats(path: Path, bus_bits: int) -> list[tuple[int, bool]]:
