@@ -46,6 +46,11 @@ def add_arguments(parser):
     parser.add_argument("--verilog-from", metavar="DIR", default=None,
                         help="use DIR/<config key>/skipconv_engine.v instead of generating "
                              "the Verilog (to benchmark a fixed gateware version)")
+    parser.add_argument("--check", choices=("sim", "host"), default="sim",
+                        help="sim (default): the simulator also checks every reply word for "
+                             "word against the protocol responder (a Python model fed every "
+                             "command word); host: it checks only the reply sequence, the "
+                             "results are compared with golden.run here in both cases")
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
 
 
@@ -158,7 +163,7 @@ def resnet_workload(count: int, seed: int, g: int):
 # -- running on the simulator ------------------------------------------------------------------
 
 def run_on_engine(config, items, *, sim="verilator", progress=True, label="",
-                  verilog_from=None):
+                  verilog_from=None, responder=True):
     """Run ``[(name, layer, x)]`` on the simulated engine (tiled as needed), one simulation.
 
     Returns ``(results, sim_info)``: one assembled :class:`~skipconv.sw.golden.Result` per
@@ -185,7 +190,8 @@ def run_on_engine(config, items, *, sim="verilator", progress=True, label="",
                                          tag=f"{name}#{k}"))
     say(f"{label}: {len(items)} layers, {len(steps)} engine passes on {sim}")
     t0 = time.monotonic()
-    out = runner.run_bench(build, "skipconv.sim.bench.tb_engine", jobs.job(steps),
+    out = runner.run_bench(build, "skipconv.sim.bench.tb_engine",
+                           jobs.job(steps, responder=responder),
                            progress=label if progress else None)
     say(f"{label}: {out['sim_cycles']:,} cycles simulated in {time.monotonic() - t0:.0f} s")
     results, i = [], 0
@@ -214,11 +220,13 @@ def run(args) -> dict:
         raise SystemExit("skipconv bench engine: --parts must name a and/or b")
 
     dense_items = [(n, dense_version(L), x) for n, L, x in items]
+    responder = getattr(args, "check", "sim") == "sim"
     skip_res, skip_sim = run_on_engine(skip_cfg, items, sim=args.sim, progress=progress,
-                                       label="skip engine", verilog_from=args.verilog_from)
+                                       label="skip engine", verilog_from=args.verilog_from,
+                                       responder=responder)
     dense_res, dense_sim = run_on_engine(dense_cfg, dense_items, sim=args.sim,
                                          progress=progress, label="dense engine",
-                                         verilog_from=args.verilog_from)
+                                         verilog_from=args.verilog_from, responder=responder)
 
     mismatches = []
     for (name, L, x), r in zip(items, skip_res):
@@ -258,6 +266,7 @@ def run(args) -> dict:
         "sim_cycles_per_wall_s": round(cycles / wall),
         "sim_cycles": int(cycles), "sim_wall_s": round(wall, 1), "sim_cpu_s": round(cpu, 1),
         "lanes": args.lanes, "g": args.g, "layers": len(items),
+        "check": "sim" if responder else "host",
         "mismatches": len(mismatches),
         "per_layer": [
             {"name": n, "dense_macs": int(d.dense), "performed": int(s.performed),

@@ -17,8 +17,11 @@ def layer_step(layer: Layer, x: np.ndarray, config: EngineConfig, *, tag: str = 
     """Load and run one layer (trace on when the engine has it, unless told otherwise)."""
     trace = config.trace if trace is None else trace
     chunks = [(w, True) for w in P.encode_commands(layer, x, config, trace=trace)]
+    ho, wo = layer.out_hw
     return {"op": "commands", "tag": tag or layer.name or "layer", "chunks": chunks,
-            "stall_in": stall_in, "stall_out": stall_out, "seed": seed, "trace": trace}
+            "stall_in": stall_in, "stall_out": stall_out, "seed": seed, "trace": trace,
+            "dense_macs": int(layer.cout * ho * wo * layer.taps),
+            "positions": int(layer.cout * ho * wo)}
 
 
 def fault_step(case, *, stall_in: float = 0.0, stall_out: float = 0.0, seed: int = 0) -> dict:
@@ -35,9 +38,15 @@ def reset_step(layer: Layer, x: np.ndarray, config: EngineConfig, *, after: int,
     return {"op": "reset", "tag": tag, "chunks": chunks, "after": int(after)}
 
 
-def job(steps: list[dict], *, bulk: bool = True) -> dict:
-    """A job; ``bulk`` = False sends every step through cocotbext-axi (beat by beat)."""
-    return {"steps": steps, "bulk": bool(bulk)}
+def job(steps: list[dict], *, bulk: bool = True, responder: bool = True) -> dict:
+    """A job; ``bulk`` = False sends every step through cocotbext-axi (beat by beat).
+
+    ``responder`` = False (only for jobs of :func:`layer_step` steps whose results the caller
+    compares with ``golden.run`` itself, as ``skipconv bench engine --check host`` does): the
+    bench does not run the protocol responder on the command words; it checks only the reply
+    sequence (one ``OK`` per load, then ``OFMAP``, ``TRACE``, ``COUNTERS``).
+    """
+    return {"steps": steps, "bulk": bool(bulk), "responder": bool(responder)}
 
 
 def run_result(step_output: dict, layer: Layer, trace: bool = True):
