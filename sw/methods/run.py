@@ -143,7 +143,7 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
                              objective="margin", val=ev, val_margin=val_margin,
                              val_stop=float(options.get("val_stop", 1.5)))
         plan = res.plan
-        dense_macs = ev.base.total["dense"]
+        dense_macs = ev_s.base.total["dense"]          # the search counts its own images
         trajectory += [(str(m), s / dense_macs, ev.base.acc - v["drop"])
                        for (m, _, _, s), v in zip(res.history, res.val)]
         info.update(states={str(k): v for k, v in res.states.items()}, search_set="train",
