@@ -1,7 +1,7 @@
 """Verilator builds of the board-level tops (the Alveo kernel, the UART top) for cocotb benches.
 
-``skipconv.sim.runner`` builds the bare engine (top ``skipconv_engine``, fixed ports); the
-board benches need other tops, so this module does the same for any Amaranth component:
+``skipconv.sim.runner`` builds the engine inside its bench wrapper (top ``skipconv_tb``,
+fixed ports, see ``skipconv.sim.bulk``); the board benches need other tops, so this module does the same for any Amaranth component:
 Verilog and simulator builds cached under ``cache_dir('boards', ...)``, keyed by the
 config, the top and a hash of the gateware sources, built under a file lock so two
 pytest-xdist workers build once, and marked complete only at the end.
