@@ -116,3 +116,22 @@ def test_two_concurrent_requests_train_once(monkeypatch, tmp_path):
         assert torch.equal(a, b)
     files = [p.name for p in (tmp_path / "zoo").iterdir() if p.suffix == ".pt"]
     assert len(files) == 1 and files[0].startswith("tiny-")
+
+
+def test_training_is_reproducible_whatever_ran_before(tmp_path, monkeypatch):
+    """Two trainings (one-epoch lenet, separate caches) give identical weights, although the
+    process drew random numbers in between and the thread count outside training differs."""
+    monkeypatch.setitem(zoo.MODELS, "lenet", (zoo.LeNet, zoo.TrainSpec(epochs=1)))
+    weights = []
+    for run, threads in enumerate((1, 2)):
+        monkeypatch.setenv("SKIPCONV_CACHE", str(tmp_path / f"run{run}"))
+        torch.rand(run + 3)                      # the global RNG is somewhere else each time
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            weights.append(zoo.get_model("lenet", progress=False).state_dict())
+        finally:
+            torch.set_num_threads(before)
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
