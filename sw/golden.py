@@ -122,8 +122,9 @@ def im2col(x: np.ndarray, k: int, stride: int, pad: int, dtype=np.float64) -> np
     ``x`` is ``(Cin, H, W)`` or a batch ``(N, Cin, H, W)``; a batch's columns are image-major.
     """
     batch = x if x.ndim == 4 else x[None]
-    n, cin = batch.shape[:2]
-    xp = np.pad(batch.astype(dtype, copy=False), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    n, cin, h, w = batch.shape
+    xp = np.zeros((n, cin, h + 2 * pad, w + 2 * pad), dtype)     # converted while padded
+    xp[:, :, pad:pad + h, pad:pad + w] = batch
     win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))
     win = win[:, :, ::stride, ::stride]              # (N, Cin, Ho, Wo, K, K)
     ho, wo = win.shape[2], win.shape[3]
@@ -200,15 +201,20 @@ class _Taps:
         return self._cache[key]
 
 
-def requantize(acc: np.ndarray, M: np.ndarray, sh: np.ndarray, out_bits: int) -> np.ndarray:
-    """``q(acc)`` of semantics.md section 1, per channel (axis 0), exact."""
+def requantize(acc: np.ndarray, M: np.ndarray, sh: np.ndarray, out_bits: int, *,
+               overwrite: bool = False) -> np.ndarray:
+    """``q(acc)`` of semantics.md section 1, per channel (axis 0), exact.
+
+    ``overwrite=True`` lets it compute in ``acc``'s own memory (an int64 array the caller
+    no longer needs).
+    """
     acc = np.asarray(acc, np.int64)
     shape = (-1,) + (1,) * (acc.ndim - 1)
     M = np.asarray(M, np.int64).reshape(shape)
     sh = np.asarray(sh, np.int64).reshape(shape)
     rnd = np.where(sh > 0, np.left_shift(np.int64(1), np.maximum(sh - 1, 0)), 0)
     # acc <= 0 gives (0 * M + rnd) >> sh = 0 (rnd < 2**sh): ReLU needs no separate select.
-    pos = np.maximum(acc, 0)
+    pos = np.maximum(acc, 0, out=acc if overwrite else None)
     if pos.size and int(pos.max()) >= (1 << 62) // 65536:
         # Products beyond int64: use Python integers (only for extreme widths).
         prod = pos.astype(object) * M.astype(object) + rnd.astype(object)
@@ -432,7 +438,7 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
     if L.raw:
         value = np.clip(acc, 0, INT32_MAX, out=acc)
     else:
-        value = requantize(acc, L.M, L.sh, L.out_bits)
+        value = requantize(acc, L.M, L.sh, L.out_bits, overwrite=True)
     shape = (cout, n, ho, wo)
     if ets:
         value[fired] = 0
