@@ -144,9 +144,12 @@ def _product_plan(w: np.ndarray, xmax: int):
     # Chunks from the per-tap maximum over rows (two reductions, no |w| copy): a set of taps
     # whose maxima sum below 2**24 / xmax keeps every row's partial sums below 2**24.
     colmax = np.maximum(w.max(axis=0), -w.min(axis=0)).astype(np.float64) * max(xmax, 1)
-    if float(colmax.sum()) < _F32_EXACT or _product_bound(w, xmax) < _F32_EXACT:
+    if float(colmax.sum()) < _F32_EXACT:
         return "f32"
-    if _product_bound(w, xmax) >= _F64_EXACT:
+    bound = _product_bound(w, xmax)             # the exact rows' bound, when it matters
+    if bound < _F32_EXACT:
+        return "f32"
+    if bound >= _F64_EXACT:
         return "int"
     limit = _F32_EXACT - 1 - float(colmax.max())
     if limit <= 0:
