@@ -17,6 +17,7 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
 from .divider import Divider
+from .multiplier import Multiplier
 from .layouts import (kind_layout, layer_layout, param_layout, plan_layout, weight_layout,
                       write_bus)
 from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op
@@ -87,29 +88,38 @@ class Loader(wiring.Component):
         per_word = 4 if cfg.act_bits <= 8 else 2
         act_field = 32 // per_word
 
-        # -- derived sizes, registered while the header arrives --------------------------------
-        hw_ = Signal(32)
-        cin_hw = Signal(48)
-        cin_kk = Signal(24)
-        m.d.sync += [hw_.eq(L.h * L.w), cin_hw.eq(L.cin * hw_), cin_kk.eq(L.cin * L.k * L.k)]
+        # -- derived sizes, computed while the header word that needs them waits ---------------
+        # Output size: two sequential dividers; products: one sequential multiplier, one
+        # product after another (H*W and Cin*H*W on word 1; Ho*Wo, Cout*Ho*Wo, K*K, Cin*K*K
+        # on word 2; Cout*T on word 4). No wide multiplier sits on any path.
+        hw_ = Signal(32)                      # H*W
+        cin_hw = Signal(48)                   # Cin*H*W
+        howo = Signal(32)                     # Ho*Wo
+        n_out = Signal(48)                    # Cout*Ho*Wo
+        kk = Signal(16)                       # K*K
+        cin_kk = Signal(32)                   # Cin*K*K
+        ct = Signal(48)                       # Cout*T
+        m.submodules.mul = mul = Multiplier(32, 18)
         m.submodules.div_h = div_h = Divider(18)
         m.submodules.div_w = div_w = Divider(18)
         m.d.sync += [div_h.start.eq(0), div_w.start.eq(0)]
         settle = Signal(2)
-        howo = Signal(32)
-        n_out = Signal(48)
-        m.d.sync += [howo.eq((div_h.quotient + 1) * (div_w.quotient + 1)),
-                     n_out.eq(L.cout * howo)]
         sizes_ready = Signal()
         div_started = Signal()
-        # Products of a word's own fields, registered while the word waits (no multiplier
-        # chain between the stream and the checks): H*W, Cin*H*W (word 1), Cout*T (word 4).
-        pre = Signal(2)
-        p_hw = Signal(32)
-        p_size = Signal(48)
-        p_ct = Signal(40)
-        m.d.sync += [p_hw.eq(self.words.p.data[0:16] * self.words.p.data[16:32]),
-                     p_size.eq(L.cin * p_hw), p_ct.eq(L.cout * self.words.p.data)]
+        step = Signal(3)                      # products done for the waiting word
+        mul_busy = Signal()
+
+        def products(jobs):
+            """Run ``jobs`` = ``[(a, b, dest)]`` in order; the word waits for the result."""
+            for k, (a, b, dest) in enumerate(jobs):
+                with m.If(step == k):
+                    with m.If(~mul_busy):
+                        m.d.comb += [mul.start.eq(1), mul.a.eq(a), mul.b.eq(b)]
+                        m.d.sync += mul_busy.eq(1)
+                    with m.Elif(mul.done):
+                        m.d.sync += [dest.eq(mul.product), step.eq(k + 1), mul_busy.eq(0)]
+            return step == len(jobs)
+
         with m.If(div_h.done & div_w.done):
             with m.If(settle != 3):
                 m.d.sync += settle.eq(settle + 1)
@@ -135,7 +145,7 @@ class Loader(wiring.Component):
         ]
         with m.If(b_run):
             m.d.sync += b_t.eq(b_t + 1)
-            with m.If((b_t + 1 >= cfg.max_taps) | ((b_t >= 2) & (b_t + 1 >= cin_kk))):
+            with m.If((b_t + 1 >= cfg.max_taps) | (b_t + 1 >= cin_kk)):
                 m.d.sync += b_run.eq(0)
             with m.If(b_kx == L.k - 1):
                 m.d.sync += [b_kx.eq(0), b_offy.eq(b_offy + L.w), b_ky.eq(b_ky + 1)]
@@ -259,8 +269,7 @@ class Loader(wiring.Component):
                     with m.Else():
                         m.next = "BODY"
                     m.d.sync += [up_addr.eq(0), q.eq(0), pc_j.eq(0), pc_c.eq(0), div_started.eq(0),
-                                 pre.eq(0),
-                                 wc_e.eq(0), wc_lane.eq(0), wc_row.eq(0)]
+                                 step.eq(0), wc_e.eq(0), wc_lane.eq(0), wc_row.eq(0)]
 
             with m.State("BODY"):
                 last = Signal()
@@ -271,10 +280,13 @@ class Loader(wiring.Component):
                 with m.Switch(op):
                     with m.Case(Op.LOAD_LAYER):
                         n_params = 5 + 5 * L.cout
-                        with m.If((i == 1) | (i == 4)):
-                            with m.If(self.words.valid & (pre != 2)):
-                                m.d.sync += pre.eq(pre + 1)
-                            m.d.comb += ready.eq(pre == 2)
+                        with m.If(i == 1):
+                            with m.If(self.words.valid):
+                                m.d.comb += ready.eq(products([
+                                    (data[0:16], data[16:32], hw_), (hw_, L.cin, cin_hw)]))
+                        with m.Elif(i == 4):
+                            with m.If(self.words.valid):
+                                m.d.comb += ready.eq(products([(data, L.cout, ct)]))
                         with m.Elif(i == 2):
                             # the output size is checked on this word: divide first
                             with m.If(self.words.valid & ~div_started):
@@ -288,7 +300,11 @@ class Loader(wiring.Component):
                                     div_h.den.eq(s), div_w.start.eq(1),
                                     div_w.num.eq(Mux(num_w < 0, 0, num_w)), div_w.den.eq(s),
                                     settle.eq(0), div_started.eq(1)]
-                            m.d.comb += ready.eq(div_started & sizes_ready)
+                            with m.If(div_started & sizes_ready):
+                                k = data[0:8]
+                                m.d.comb += ready.eq(products([
+                                    (div_h.quotient + 1, div_w.quotient + 1, howo),
+                                    (howo, L.cout, n_out), (k, k, kk), (kk, L.cin, cin_kk)]))
                         with m.Elif(i >= n_params):
                             m.d.comb += ready.eq(~b_run)
                         with m.Else():
@@ -299,12 +315,12 @@ class Loader(wiring.Component):
                         m.d.comb += ready.eq(1)
                 m.d.comb += self.words.ready.eq(ready)
                 with m.If(take):
-                    m.d.sync += [i.eq(i + 1), pre.eq(0)]
+                    m.d.sync += [i.eq(i + 1), step.eq(0)]
                     if True:
                         with m.Switch(op):
                             with m.Case(Op.LOAD_LAYER):
                                 self._layer_word(m, hp, data, i, n, L, fail, div_h, div_w,
-                                                 cin_kk, n_out, howo, p_size, p_ct, b_run, b_t,
+                                                 cin_kk, n_out, howo, cin_hw, ct, b_run, b_t,
                                                  b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j,
                                                  wp_valid, wp_w, wp_row, wp_lane, wc_e,
                                                  wc_lane, wc_row, div_started)
@@ -368,8 +384,8 @@ class Loader(wiring.Component):
 
     # -- LOAD_LAYER body ---------------------------------------------------------------------
 
-    def _layer_word(self, m, hp, data, i, n, L, fail, div_h, div_w, cin_kk, n_out, howo, p_size,
-                    p_ct, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j, wp_valid,
+    def _layer_word(self, m, hp, data, i, n, L, fail, div_h, div_w, cin_kk, n_out, howo, cin_hw,
+                    ct, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j, wp_valid,
                     wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, div_started):
         cfg = hp.config
         g = cfg.g
@@ -386,7 +402,7 @@ class Loader(wiring.Component):
         with m.Elif(i == 1):
             h, w = data[0:16], data[16:32]
             m.d.sync += [L.h.eq(h), L.w.eq(w)]
-            size = p_size
+            size = cin_hw
             with m.If(h == 0):
                 fail(Err.BAD_VALUE, h)
             with m.Elif(w == 0):
@@ -444,7 +460,7 @@ class Loader(wiring.Component):
                 fail(Err.BAD_VALUE, t)
             with m.Elif(t > cfg.max_taps):
                 fail(Err.LIMIT, t)
-            with m.Elif(n != n_params + p_ct):
+            with m.Elif(n != n_params + ct):
                 fail(Err.BAD_LENGTH, n)
         with m.Elif(i < n_params):
             # per-channel parameters: bias, M/sh, neg_start, spec, th

@@ -9,6 +9,7 @@ from amaranth.sim import Simulator
 from skipconv.hw.arbiter import RoundRobin
 from skipconv.hw.dispatch import Dispatcher
 from skipconv.hw.divider import Divider
+from skipconv.hw.multiplier import Multiplier
 from skipconv.hw.params import UNIT_WIDTH, HwParams
 from skipconv.hw.words import BeatPacker, BeatSplitter
 from skipconv.sw.config import EngineConfig
@@ -45,6 +46,25 @@ def test_divider(num, den):
         ctx.set(dut.start, 0)
         await ctx.tick().until(dut.done)
         assert ctx.get(dut.quotient) == num // den
+
+    _sim(dut, bench)
+
+
+@pytest.mark.parametrize("a,b", [(0, 0), (1, 1), (0xFFFFFFFF, 0xFFFF), (123456, 789), (7, 0),
+                                 (0, 65535), (0x80000001, 0x8001)])
+def test_multiplier(a, b):
+    dut = Multiplier(32, 16)
+
+    async def bench(ctx):
+        for x, y in ((a, b), (b, a & 0xFFFF)):      # back to back: done falls with start
+            ctx.set(dut.a, x)
+            ctx.set(dut.b, y)
+            ctx.set(dut.start, 1)
+            await ctx.tick()
+            ctx.set(dut.start, 0)
+            assert not ctx.get(dut.done)
+            await ctx.tick().until(dut.done)
+            assert ctx.get(dut.product) == x * y
 
     _sim(dut, bench)
 
