@@ -13,11 +13,12 @@ from amaranth.lib.wiring import In, Out
 
 from ..sw.config import EngineConfig
 from .dispatch import Dispatcher
-from .layouts import ofmap_layout, param_layout, plan_layout
+from .layouts import PARAM_READERS, ofmap_layout, plan_layout, reader_param_layout
 from .loader import Loader
 from .params import HwParams
 from .pe import PE
 from .responder import Responder
+from .skid import SkidBuffer
 from .words import BeatPacker, BeatSplitter
 from .writer import Writer
 
@@ -77,7 +78,9 @@ class Engine(wiring.Component):
         m.submodules.dispatch = disp = Dispatcher(hp)
         m.submodules.writer = writer = Writer(hp)
         m.submodules.responder = resp = Responder(hp)
-        wiring.connect(m, split=split.words, loader=loader.words)
+        m.submodules.words_reg = words_reg = SkidBuffer(split.words.p.shape())
+        wiring.connect(m, split=split.words, reg=words_reg.i)
+        wiring.connect(m, reg=words_reg.o, loader=loader.words)
         wiring.connect(m, responder=resp.words, pack=pack.words)
         L = loader.layer
         m.d.comb += [disp.layer.eq(L), writer.layer.eq(L), resp.layer.eq(L)]
@@ -93,15 +96,17 @@ class Engine(wiring.Component):
             self.error.eq(loader.error), self.busy.eq(resp.reading),
         ]
 
-        # per-channel parameters: written by the loader, read by dispatcher, writer, responder
-        m.submodules.prm = prm = Memory(shape=param_layout(hp), depth=cfg.max_cout, init=[])
-        pw = prm.write_port()
-        m.d.comb += [pw.en.eq(loader.prm.en), pw.addr.eq(loader.prm.addr),
-                     pw.data.eq(loader.prm.data)]
-        for addr, dat in ((disp.prm_addr, disp.prm_data), (writer.prm_addr, writer.prm_data),
-                          (resp.prm_addr, resp.prm_data)):
-            rp = prm.read_port()
-            m.d.comb += [rp.addr.eq(addr), dat.eq(rp.data)]
+        # per-channel parameters, written by the loader: one memory per reader with only the
+        # fields it reads, so each has one read port (block or LUT RAM, not registers)
+        for reader, blk in (("dispatch", disp), ("writer", writer), ("responder", resp)):
+            mem = Memory(shape=reader_param_layout(hp, reader), depth=cfg.max_cout, init=[])
+            m.submodules[f"prm_{reader}"] = mem
+            pw = mem.write_port()
+            rp = mem.read_port()
+            m.d.comb += [pw.en.eq(loader.prm.en), pw.addr.eq(loader.prm.addr),
+                         rp.addr.eq(blk.prm_addr)]
+            for f in PARAM_READERS[reader]:
+                m.d.comb += [pw.data[f].eq(loader.prm.data[f]), blk.prm_data[f].eq(rp.data[f])]
 
         # the ofmap buffer: written by the writer, read by the responder
         m.submodules.ofm = ofm = Memory(shape=ofmap_layout(hp), depth=cfg.max_ofmap, init=[])

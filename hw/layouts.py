@@ -31,6 +31,21 @@ def param_layout(hp: HwParams):
     })
 
 
+#: The fields of :func:`param_layout` each reader of the channel parameters uses; the engine
+#: gives every reader its own memory of just these (one read port each).
+PARAM_READERS = {
+    "dispatch": ("bias", "neg_start", "spec", "th", "stop0"),
+    "writer": ("m", "sh"),
+    "responder": ("stop0",),
+}
+
+
+def reader_param_layout(hp: HwParams, reader: str):
+    """The channel parameters one reader (:data:`PARAM_READERS`) holds."""
+    pl = param_layout(hp)
+    return data.StructLayout({f: pl[f].shape for f in PARAM_READERS[reader]})
+
+
 def weight_layout(hp: HwParams):
     """One tap of a channel, decoded at load time: weight, ifmap offset and kernel position."""
     return data.StructLayout({

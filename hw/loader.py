@@ -99,6 +99,7 @@ class Loader(wiring.Component):
         kk = Signal(16)                       # K*K
         cin_kk = Signal(32)                   # Cin*K*K
         ct = Signal(48)                       # Cout*T
+        n_params = Signal(20)                 # 5 + 5*Cout: header and parameter words
         m.submodules.mul = mul = Multiplier(32, 18)
         m.submodules.div_h = div_h = Divider(18)
         m.submodules.div_w = div_w = Divider(18)
@@ -279,7 +280,6 @@ class Loader(wiring.Component):
                 # activations for the unpacker.
                 with m.Switch(op):
                     with m.Case(Op.LOAD_LAYER):
-                        n_params = 5 + 5 * L.cout
                         with m.If(i == 1):
                             with m.If(self.words.valid):
                                 m.d.comb += ready.eq(products([
@@ -320,7 +320,8 @@ class Loader(wiring.Component):
                         with m.Switch(op):
                             with m.Case(Op.LOAD_LAYER):
                                 self._layer_word(m, hp, data, i, n, L, fail, div_h, div_w,
-                                                 cin_kk, n_out, howo, cin_hw, ct, b_run, b_t,
+                                                 cin_kk, n_out, howo, cin_hw, ct, n_params,
+                                                 b_run, b_t,
                                                  b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j,
                                                  wp_valid, wp_w, wp_row, wp_lane, wc_e,
                                                  wc_lane, wc_row, div_started)
@@ -385,14 +386,13 @@ class Loader(wiring.Component):
     # -- LOAD_LAYER body ---------------------------------------------------------------------
 
     def _layer_word(self, m, hp, data, i, n, L, fail, div_h, div_w, cin_kk, n_out, howo, cin_hw,
-                    ct, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j, wp_valid,
+                    ct, n_params, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j, wp_valid,
                     wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, div_started):
         cfg = hp.config
         g = cfg.g
-        n_params = 5 + 5 * L.cout
         with m.If(i == 0):
             cin, cout = data[0:16], data[16:32]
-            m.d.sync += [L.cin.eq(cin), L.cout.eq(cout)]
+            m.d.sync += [L.cin.eq(cin), L.cout.eq(cout), n_params.eq(5 + (cout << 2) + cout)]
             with m.If(cin == 0):
                 fail(Err.BAD_VALUE, cin)
             with m.Elif(cout == 0):

@@ -103,14 +103,16 @@ class HwParams:
 
     def memory_bits(self) -> dict:
         """Bits of every memory of the engine (replicas counted), by memory name."""
-        from .layouts import kind_layout, ofmap_layout, param_layout, plan_layout, weight_layout
+        from .layouts import (PARAM_READERS, kind_layout, ofmap_layout, plan_layout,
+                              reader_param_layout, weight_layout)
         c = self.config
         lanes, g = c.lanes, c.g
         bits = {
             "weights (per-PE replicas)": lanes * self.rows * g * weight_layout(self).size,
             "ifmap (per-PE, per-read-port replicas)": lanes * g * c.max_ifmap * c.act_bits,
             "tap table": c.max_taps * weight_layout(self).size,
-            "channel parameters": c.max_cout * param_layout(self).size,
+            "channel parameters (per reader)": c.max_cout * sum(
+                reader_param_layout(self, r).size for r in PARAM_READERS),
             "ofmap buffer": c.max_ofmap * ofmap_layout(self).size,
         }
         if self.plan:
