@@ -271,14 +271,15 @@ class PE(wiring.Component):
         ctx = [Signal(cl, name=f"ctx{k}") for k in range(D)]
         c0 = ctx[0]
         T = L.taps
-        rule1 = Signal()
-        rule2 = Signal()
-        m.d.comb += [rule1.eq(pred & (c0.e == c0.spec) & (c0.psum <= c0.th)),
-                     rule2.eq(et_on & (c0.e >= c0.neg_start) & (c0.psum <= 0))]
-        fired = Signal()
-        m.d.comb += fired.eq(rule1 | rule2)
+        # Stage 0's checks and its next tap count were decided in stage 6 (below), on the
+        # up-to-date sum: stage 0 only selects, which keeps the ring's turn-around short.
+        c0_fired = Signal()                 # semantics.md section 4 fires at this check
+        c0_end = Signal()                   # every tap is done
+        c0_enext = Signal(hp.tap_bits + 1)  # the tap count after this context's next issue
+        c0_lv = Signal(g)                   # lanes holding a real tap at that issue
+        fired = c0_fired
         finishing = Signal()
-        m.d.comb += finishing.eq(c0.valid & (fired | (c0.e >= T)))
+        m.d.comb += finishing.eq(c0.valid & (fired | c0_end))
         m.d.comb += ring_push.eq(finishing & res.w_rdy)
         free = Signal()
         m.d.comb += free.eq(~c0.valid | ring_push)
@@ -296,12 +297,15 @@ class PE(wiring.Component):
             m.d.comb += [res.w_en.eq(1), res_in.win.eq(1), res_in.oaddr.eq(slot_unit_widx(
                 m, slot_unit, head, hp)), res_in.fired.eq(~head_nz)]
 
-        e_cur = Signal(hp.tap_bits)
-        m.d.comb += e_cur.eq(Mux(take_new, 0, c0.e))
+        def next_issue(e):
+            """Tap count after issuing ``g`` taps from ``e``, and the lanes holding one."""
+            return Mux(e + g > T, T, e + g), Cat(*[(e + j) < T for j in range(g)])
+
+        first_enext, first_lv = next_issue(0)
         e_next = Signal(hp.tap_bits + 1)
-        m.d.comb += e_next.eq(Mux(e_cur + g > T, T, e_cur + g))
         lv = Signal(g)
-        m.d.comb += lv.eq(Cat(*[(e_cur + j) < T for j in range(g)]))
+        m.d.comb += [e_next.eq(Mux(take_new, first_enext, c0_enext)),
+                     lv.eq(Mux(take_new, first_lv, c0_lv))]
         n1 = ctx[1]
         with m.If(take_new):
             m.d.sync += [
@@ -356,17 +360,28 @@ class PE(wiring.Component):
             m.d.sync += [s5_a[j].eq(Mux(s4_use[j], a, 0)), s5_w[j].eq(s4_w[j])]
         m.d.sync += ctx[5].eq(ctx[4])
 
-        # stage 5: multiply (product registered)
+        # stage 5: multiply (product registered); psum - 1 and psum - th - 1 ahead of the
+        # add, so that stage 6 gets "sum <= 0" and "sum <= th" as the signs of single adds
         s6_p = [Signal(signed(hp.prod_bits), name=f"s6_p{j}") for j in range(g)]
         for j in range(g):
             m.d.sync += s6_p[j].eq(s5_a[j] * s5_w[j])
-        m.d.sync += ctx[6].eq(ctx[5])
+        s6_pm1 = Signal(signed(hp.acc_bits + 1))
+        s6_pth = Signal(signed(max(hp.acc_bits, 32) + 2))
+        m.d.sync += [ctx[6].eq(ctx[5]), s6_pm1.eq(ctx[5].psum - 1),
+                     s6_pth.eq(ctx[5].psum - ctx[5].th - 1)]
 
-        # stage 6: accumulate into the context's partial sum
+        # stage 6: accumulate into the context's partial sum; stage 0's decisions
         total = s6_p[0]
         for j in range(1, g):
             total = total + s6_p[j]
-        m.d.sync += [ctx[0].eq(ctx[6]), ctx[0].psum.eq(ctx[6].psum + total)]
+        c6 = ctx[6]
+        le_0 = (s6_pm1 + total) < 0                   # new sum <= 0
+        le_th = (s6_pth + total) < 0                  # new sum <= th
+        enext6, lv6 = next_issue(c6.e)
+        m.d.sync += [ctx[0].eq(c6), ctx[0].psum.eq(c6.psum + total),
+                     c0_fired.eq((pred & (c6.e == c6.spec) & le_th) |
+                                 (et_on & (c6.e >= c6.neg_start) & le_0)),
+                     c0_end.eq(c6.e >= T), c0_enext.eq(enext6), c0_lv.eq(lv6)]
         assert D == 7, "the stages above are written for a ring of 7 contexts"
 
         busy = Signal()
