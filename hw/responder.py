@@ -164,44 +164,66 @@ class Responder(wiring.Component):
             m.d.comb += kind1.eq(self.plan_a_data)
             with m.If(~L.has_plan):
                 m.d.comb += kind1.eq(0)
-        src = Mux(kind1.kind == COPY_KIND, chb1 + self.nn_data, pos1)
+        # stage 1r: the read data registered (block RAM outputs feed no logic directly)
+        v1r = Signal()
+        last1r = Signal()
+        pos1r = Signal(hp.ofn_bits)
+        chb1r = Signal(hp.ofn_bits)
+        kind1r = Signal(plan_layout())
+        nn1r = Signal.like(self.nn_data)
+        win1r = Signal()
+        stop01r = Signal()
+        m.d.sync += [v1r.eq(v1), last1r.eq(last1), pos1r.eq(pos1), chb1r.eq(chb1),
+                     kind1r.eq(kind1), nn1r.eq(self.nn_data), win1r.eq(self.win_data),
+                     stop01r.eq(self.prm_data.stop0)]
+        src = Mux(kind1r.kind == COPY_KIND, chb1r + nn1r, pos1r)
         m.d.comb += [self.plan_b_addr.eq(src), self.ofm_addr.eq(src)]
         v2 = Signal()
         last2 = Signal()
         k2 = Signal(plan_layout())
         pred2 = Signal()
         stop02 = Signal()
-        m.d.sync += [v2.eq(v1), last2.eq(last1), k2.eq(kind1),
-                     pred2.eq(self.win_data & (p != 0) & (kind1.kind == 0) & ~kind1.leader),
-                     stop02.eq(self.prm_data.stop0)]
+        m.d.sync += [v2.eq(v1r), last2.eq(last1r), k2.eq(kind1r),
+                     pred2.eq(win1r & (p != 0) & (kind1r.kind == 0) & ~kind1r.leader),
+                     stop02.eq(stop01r)]
         if not cfg.has("zero_pred"):
             m.d.sync += pred2.eq(0)
-
-        # stage 2: the value, MACs and outcome
-        T = L.taps
-        src_plan = Signal(plan_layout())
+        src_plan2 = Signal(plan_layout())
         if hp.plan:
-            m.d.comb += src_plan.eq(self.plan_b_data)
+            m.d.comb += src_plan2.eq(self.plan_b_data)
             with m.If(~L.has_plan):
-                m.d.comb += src_plan.eq(0)
-        ofm = self.ofm_data
+                m.d.comb += src_plan2.eq(0)
+
+        # stage 2r: the source's plan entry and ofmap word registered
+        v2r = Signal()
+        last2r = Signal()
+        k2r = Signal(plan_layout())
+        pred2r = Signal()
+        stop02r = Signal()
+        src_plan = Signal(plan_layout())
+        ofm = Signal.like(self.ofm_data)
+        m.d.sync += [v2r.eq(v2), last2r.eq(last2), k2r.eq(k2), pred2r.eq(pred2),
+                     stop02r.eq(stop02), src_plan.eq(src_plan2), ofm.eq(self.ofm_data)]
+
+        # stage 3: the value, MACs and outcome
+        T = L.taps
         value = Signal(32)
         macs = Signal(hp.tap_bits)
         outcome = Signal(3)   # index into pos_names
-        with m.If(k2.kind == CONST_KIND):
-            m.d.comb += [value.eq(k2.const), macs.eq(0), outcome.eq(2)]
-        with m.Elif(k2.kind == COPY_KIND):
+        with m.If(k2r.kind == CONST_KIND):
+            m.d.comb += [value.eq(k2r.const), macs.eq(0), outcome.eq(2)]
+        with m.Elif(k2r.kind == COPY_KIND):
             m.d.comb += [value.eq(Mux(src_plan.kind == CONST_KIND, src_plan.const,
-                                      Mux(stop02, 0, ofm.value))),
+                                      Mux(stop02r, 0, ofm.value))),
                          macs.eq(0), outcome.eq(3)]
-        with m.Elif(pred2):
+        with m.Elif(pred2r):
             m.d.comb += [value.eq(0), macs.eq(0), outcome.eq(4)]
-        with m.Elif(stop02):
+        with m.Elif(stop02r):
             m.d.comb += [value.eq(0), macs.eq(0), outcome.eq(1)]
         with m.Else():
             m.d.comb += [value.eq(ofm.value), macs.eq(ofm.e),
                          outcome.eq(Mux(ofm.e < T, 1, 0))]
-        m.d.comb += inflight.eq(v1 + v2)
+        m.d.comb += inflight.eq(v1 + v1r + v2 + v2r)
 
         # packing
         pk = Signal(32)
@@ -212,9 +234,9 @@ class Responder(wiring.Component):
                                    Mux(per_word == 2, item[:16] << (pk_n * 16), item)))
         word = Signal(32)
         m.d.comb += word.eq(pk | shifted)
-        with m.If(v2):
-            with m.If((pk_n + 1 == per_word) | last2):
-                put(word, last2)
+        with m.If(v2r):
+            with m.If((pk_n + 1 == per_word) | last2r):
+                put(word, last2r)
                 m.d.sync += [pk.eq(0), pk_n.eq(0)]
             with m.Else():
                 m.d.sync += [pk.eq(word), pk_n.eq(pk_n + 1)]
@@ -289,7 +311,7 @@ class Responder(wiring.Component):
                     m.next = "OFMAP_BODY"
             with m.State("OFMAP_BODY"):
                 m.d.comb += self.reading.eq(1)
-                with m.If(~issuing & ~v1 & ~v2):
+                with m.If(~issuing & (inflight == 0)):
                     with m.If(trace):
                         m.next = "TRACE_HDR"
                     with m.Else():
@@ -308,7 +330,7 @@ class Responder(wiring.Component):
                     m.next = "TRACE_BODY"
             with m.State("TRACE_BODY"):
                 m.d.comb += self.reading.eq(1)
-                with m.If(~issuing & ~v1 & ~v2):
+                with m.If(~issuing & (inflight == 0)):
                     m.next = "CNT_HDR"
             with m.State("CNT_HDR"):
                 m.d.comb += self.reading.eq(1)
