@@ -18,9 +18,10 @@ INT32_MAX = (1 << 31) - 1
 class Writer(wiring.Component):
     """Round-robin over the PEs' result streams; ``q(acc)`` (or raw) into the ofmap buffer.
 
-    Pipeline: choose and read the channel's ``M``/``sh``; multiply (registered); round and
-    shift (registered); clamp; write. Window decisions go to the window-flag memory. The requantized value of a
-    leader is returned to its PE (``fb_*``): the window decision needs the *final* output.
+    Pipeline: choose and read the channel's ``M``/``sh``; register them; multiply
+    (registered); round and shift (registered); clamp; write. Window decisions go to the
+    window-flag memory. The requantized value of a leader is returned to its PE (``fb_*``):
+    the window decision needs the *final* output.
 
     Members
     -------
@@ -61,22 +62,31 @@ class Writer(wiring.Component):
                 m.d.comb += chosen.eq(self.results[i].payload)
         m.d.comb += self.prm_addr.eq(chosen.c)
 
-        # stage 1: channel parameters arrive; multiply
+        # stage 1: the channel's parameters arrive (registered: no memory output feeds the
+        # multiplier); the sign of the sum
+        v0 = Signal()
+        r0 = Signal(rl)
+        pe0 = Signal(range(max(2, n)))
+        m.d.sync += [v0.eq(rr.valid), r0.eq(chosen), pe0.eq(rr.index)]
         v1 = Signal()
         r1 = Signal(rl)
-        pe1 = Signal(range(max(2, n)))
-        m.d.sync += [v1.eq(rr.valid), r1.eq(chosen), pe1.eq(rr.index)]
+        pe1 = Signal.like(pe0)
+        m1 = Signal(16)
+        sh1 = Signal(6)
         pos = Signal()
-        m.d.comb += pos.eq((r1.psum > 0) & ~r1.fired)
+        m.d.sync += [v1.eq(v0), r1.eq(r0), pe1.eq(pe0), m1.eq(self.prm_data.m),
+                     sh1.eq(self.prm_data.sh), pos.eq((r0.psum > 0) & ~r0.fired)]
+
+        # stage 2: multiply (registered)
         v2 = Signal()
         r2 = Signal(rl)
-        pe2 = Signal.like(pe1)
+        pe2 = Signal.like(pe0)
         prod = Signal(hp.acc_bits + 16)
         sh2 = Signal(6)
         raw2 = Signal(hp.value_bits)
         pos2 = Signal()
-        m.d.sync += [v2.eq(v1), r2.eq(r1), pe2.eq(pe1), sh2.eq(self.prm_data.sh), pos2.eq(pos),
-                     prod.eq(Mux(pos, r1.psum, 0).as_unsigned() * self.prm_data.m),
+        m.d.sync += [v2.eq(v1), r2.eq(r1), pe2.eq(pe1), sh2.eq(sh1), pos2.eq(pos),
+                     prod.eq(Mux(pos, r1.psum, 0).as_unsigned() * m1),
                      raw2.eq(Mux(r1.psum > INT32_MAX, INT32_MAX, r1.psum))]
 
         # stage 2: round and shift (registered)
@@ -112,5 +122,5 @@ class Writer(wiring.Component):
         ]
         for i in range(n):
             m.d.comb += self.fb_valid[i].eq(v3 & ~r3.win & r3.leader & (pe3 == i))
-        m.d.comb += self.busy.eq(v1 | v2 | va | v3)
+        m.d.comb += self.busy.eq(v0 | v1 | v2 | va | v3)
         return m
