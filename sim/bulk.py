@@ -143,15 +143,33 @@ class BulkTimeout(Exception):
 
 
 def write_beats(path: Path, data, last, bus_bits: int) -> None:
-    """Write beats (``data`` ints, ``last`` bools) as ``$readmemh`` lines ``{tlast, tdata}``."""
+    """Write beats (``data`` ints, ``last`` bools) as ``$readmemh`` lines ``{tlast, tdata}``.
+
+    Below 64 bits the lines are formatted with NumPy, all at once, with a fixed number of
+    hex digits (leading zeros); wider beats one by one.
+    """
     if bus_bits < 64:
         import numpy as np
         values = (np.asarray(data, np.uint64)
-                  | (np.asarray(last, np.uint64) << np.uint64(bus_bits))).tolist()
-    else:
-        top = 1 << int(bus_bits)
-        values = [(top if l else 0) | int(d) for d, l in zip(data, last)]
+                  | (np.asarray(last, np.uint64) << np.uint64(bus_bits)))
+        digits = -(-(int(bus_bits) + 1) // 4)
+        shifts = np.arange(4 * (digits - 1), -1, -4, dtype=np.uint64)
+        lines = np.empty((len(values), digits + 1), np.uint8)
+        lines[:, :digits] = _HEX_DIGITS[(values[:, None] >> shifts) & np.uint64(0xF)]
+        lines[:, digits] = ord("\n")
+        Path(path).write_bytes(lines.tobytes())
+        return
+    top = 1 << int(bus_bits)
+    values = [(top if l else 0) | int(d) for d, l in zip(data, last)]
     Path(path).write_text("\n".join(map("{:x}".format, values)) + "\n")
+
+
+def _hex_digits():
+    import numpy as np
+    return np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+_HEX_DIGITS = _hex_digits()
 
 
 def read_beats(path: Path, bus_bits: int) -> list[tuple[int, bool]]:
