@@ -155,21 +155,14 @@ def write_beats(path: Path, data, last, bus_bits: int) -> None:
         digits = -(-(int(bus_bits) + 1) // 4)
         shifts = np.arange(4 * (digits - 1), -1, -4, dtype=np.uint64)
         lines = np.empty((len(values), digits + 1), np.uint8)
-        lines[:, :digits] = _HEX_DIGITS[(values[:, None] >> shifts) & np.uint64(0xF)]
+        d = ((values[:, None] >> shifts) & np.uint64(0xF)).astype(np.uint8)
+        lines[:, :digits] = d + np.uint8(ord("0")) + (d > 9) * np.uint8(ord("a") - ord("0") - 10)
         lines[:, digits] = ord("\n")
         Path(path).write_bytes(lines.tobytes())
         return
     top = 1 << int(bus_bits)
     values = [(top if l else 0) | int(d) for d, l in zip(data, last)]
     Path(path).write_text("\n".join(map("{:x}".format, values)) + "\n")
-
-
-def _hex_digits():
-    import numpy as np
-    return np.frombuffer(b"0123456789abcdef", np.uint8)
-
-
-_HEX_DIGITS = _hex_digits()
 
 
 def read_beats(path: Path, bus_bits: int) -> list[tuple[int, bool]]:
@@ -271,10 +264,14 @@ class BulkStreams:
         deadline = (None if budget_cycles is None
                     else get_sim_time("ns") + budget_cycles * self.clock_ns)
         target = self.messages + int(want)
-        data, last = list(data), list(last)
+        if self.bus_bits < 64:                  # kept as arrays down to write_beats
+            import numpy as np
+            data, last = np.asarray(data, np.uint64), np.asarray(last, bool)
+        else:
+            data, last = list(data), list(last)
         in_time = True
         try:
-            if not data:                        # nothing to send: only wait for results
+            if len(data) == 0:                  # nothing to send: only wait for results
                 dut.want_msgs.value = target
                 await self._edge()              # (the write may miss this edge)
                 await self._edge()              # attn is recomputed with want_msgs
