@@ -527,6 +527,58 @@ def _sx(value: int, bits: int) -> int:
     return value - (1 << bits) if value >> (bits - 1) else value
 
 
+def _sx_array(values: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`_sx` of every element (int64)."""
+    v = np.asarray(values, np.int64) & ((1 << bits) - 1)
+    return v - ((v >> (bits - 1)) << bits)
+
+
+def _as_words(words) -> np.ndarray:
+    """``words`` as an int64 array of 32-bit words (each ``int(v) & WORD_MASK``)."""
+    if not (isinstance(words, np.ndarray) and words.dtype.kind in "iu"):
+        try:
+            a = np.asarray(words)
+        except (OverflowError, ValueError, TypeError):
+            a = None
+        if a is None or a.dtype.kind not in "iu" or a.ndim != 1:
+            return np.asarray([int(v) & WORD_MASK for v in words], np.int64)
+        words = a
+    return words.astype(np.int64) & WORD_MASK
+
+
+class _Words:
+    """Body words kept in stream order, appended one by one (the word-by-word path) or as
+    whole arrays (the bulk path of :meth:`GoldenResponder.feed`)."""
+
+    __slots__ = ("_parts", "_tail", "_len")
+
+    def __init__(self):
+        self._parts: list[np.ndarray] = []
+        self._tail: list[int] = []
+        self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def append(self, w: int) -> None:
+        self._tail.append(w)
+        self._len += 1
+
+    def extend(self, a: np.ndarray) -> None:
+        if self._tail:
+            self._parts.append(np.asarray(self._tail, np.int64))
+            self._tail = []
+        self._parts.append(a)
+        self._len += len(a)
+
+    def array(self) -> np.ndarray:
+        """All words as one int64 array."""
+        parts = self._parts + ([np.asarray(self._tail, np.int64)] if self._tail else [])
+        if not parts:
+            return np.zeros(0, np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 @dataclass
 class _LayerRegs:
     """What a good ``LOAD_LAYER`` leaves in the engine."""
@@ -547,7 +599,7 @@ class _LayerRegs:
     ho: int = 0
     wo: int = 0
     chan: list = None
-    weights: list = None
+    weights: _Words = None      # the raw weight words {order index, weight}, stream order
 
     @property
     def npos(self):
@@ -599,15 +651,34 @@ class GoldenResponder:
     # -- input -----------------------------------------------------------------------------
 
     def feed(self, words: Sequence[int], last: bool = True) -> list[Message]:
-        """Consume whole beats of command words; ``last`` is the ``tlast`` of the final beat."""
-        words = [int(v) & WORD_MASK for v in words]
-        if len(words) % self._per_beat:
-            raise ProtocolError(f"{len(words)} words is not a whole number of "
-                                f"{self._per_beat}-word beats")
-        out = []
-        groups = [words[i:i + self._per_beat] for i in range(0, len(words), self._per_beat)]
-        for i, group in enumerate(groups):
-            out += self.feed_beat(group, last and i == len(groups) - 1)
+        """Consume whole beats of command words; ``last`` is the ``tlast`` of the final beat.
+
+        ``words`` may be a list or an integer NumPy array. The same as :meth:`feed_beat` beat
+        after beat, but the long bodies (``LOAD_LAYER`` weights, ``LOAD_IFMAP``, ``LOAD_PLAN``
+        positions and NN table) are checked and stored a whole run of beats at a time
+        (:meth:`_bulk`); a run ends before the beat of a faulty word, before the message's
+        last word and before the final beat, which all go word by word.
+        """
+        a = _as_words(words)
+        per = self._per_beat
+        if len(a) % per:
+            raise ProtocolError(f"{len(a)} words is not a whole number of "
+                                f"{per}-word beats")
+        out: list[Message] = []
+        total = len(a)
+        stop = total - per              # the final beat (it may carry tlast) goes word by word
+        p = 0
+        while p < total:
+            if p < stop:
+                if self._dropping:
+                    p = stop            # beats without tlast of a refused message: dropped
+                    continue
+                m = self._bulk(a, p, stop)
+                if m:
+                    p += m
+                    continue
+            out += self.feed_beat(a[p:p + per].tolist(), last and p + per == total)
+            p += per
         return out
 
     def feed_message(self, words: Sequence[int]) -> list[Message]:
@@ -658,6 +729,72 @@ class GoldenResponder:
             self.ifmap = None
         out.append(Message(Res.ERROR, (int(fault.code), fault.detail)))
 
+    # -- bulk checks ---------------------------------------------------------------------------
+
+    def _bulk(self, a: np.ndarray, p: int, stop: int) -> int:
+        """Check and store body words ``a[p:]`` at once, up to ``stop`` (a beat boundary);
+        return how many (whole beats, maybe 0).
+
+        Exactly what :meth:`_word` does word by word, for the words that carry no header
+        field: the run stops before the beat holding the message's last word (it completes
+        the message and checks ``tlast``), before the end of the body part (positions, NN
+        table) and before the beat of the first word that breaks a check, so that beat goes
+        through :meth:`feed_beat`, which answers the same fault with the same code.
+        """
+        n, i, per = self._n, self._idx, self._per_beat
+        if n is None or not self._length_checked or i < 2:
+            return 0
+        j = i - 2                       # body index of a[p]
+        op = self._op
+        end = n - 1                     # the last body word completes the message: not here
+        if op == Op.LOAD_LAYER:
+            r = self._new
+            if j < LAYER_HEADER_WORDS + CHANNEL_WORDS * r.cout:
+                return 0
+        elif op == Op.LOAD_PLAN:
+            if j < 1:
+                return 0
+            npos = self.layer_regs.npos
+            if j <= npos:
+                end = min(end, npos + 1)
+        elif op != Op.LOAD_IFMAP:
+            return 0
+        m = min(end - j, stop - p)
+        m -= m % per
+        if m <= 0:
+            return 0
+        w = a[p:p + m]
+        bad = None
+        if op == Op.LOAD_LAYER:
+            bad = (w >> 16) >= r.t
+        elif op == Op.LOAD_PLAN:
+            r, cfg = self.layer_regs, self.config
+            if j <= npos:
+                kind = w & 3
+                bad = kind == 3
+                if not cfg.has("velcro"):
+                    bad |= kind == CONST
+                if not cfg.has("perforation") or not self._new["has_nn"]:
+                    bad |= kind == COPY
+                if not r.raw:
+                    bad |= (kind == CONST) & ((w >> 8) > (1 << r.out_bits) - 1)
+            else:
+                bad = ((w >> 16) >= r.ho) | ((w & 0xFFFF) >= r.wo)
+        if bad is not None and bad.any():
+            k = int(np.argmax(bad))
+            m = k - k % per
+            if m == 0:
+                return 0
+            w = w[:m]
+        if op == Op.LOAD_LAYER:
+            r.weights.extend(w)
+        elif op == Op.LOAD_PLAN:
+            self._new["pos" if j <= npos else "nn"].extend(w)
+        else:
+            self._new.extend(w)
+        self._idx += m
+        return m
+
     # -- per-word checks ---------------------------------------------------------------------
 
     def _word(self, w: int, out):
@@ -701,13 +838,13 @@ class GoldenResponder:
             if n != -(-(regs.cin * regs.h * regs.w) // acts_per_word(self.config)):
                 raise _Fault(ErrorCode.BAD_LENGTH, n)
             self._length_checked = True
-            self._new = []
+            self._new = _Words()
 
     def _layer_word(self, j, w):
         cfg = self.config
         BV, LIM, FEAT = ErrorCode.BAD_VALUE, ErrorCode.LIMIT, ErrorCode.FEATURE
         if j == 0:
-            self._new = r = _LayerRegs(chan=[], weights=[])
+            self._new = r = _LayerRegs(chan=[], weights=_Words())
             r.cin, r.cout = w & 0xFFFF, w >> 16
             if r.cin == 0:
                 raise _Fault(BV, r.cin)
@@ -796,7 +933,7 @@ class GoldenResponder:
             idx = w >> 16
             if idx >= r.t:
                 raise _Fault(BV, idx)
-            r.weights.append((_sx(w, cfg.weight_bits), idx))
+            r.weights.append(w)
 
     def _plan_word(self, j, w):
         cfg, r = self.config, self.layer_regs
@@ -807,7 +944,7 @@ class GoldenResponder:
             if self._n != 1 + r.npos + (r.ho * r.wo if has_nn else 0):
                 raise _Fault(ErrorCode.BAD_LENGTH, self._n)
             self._length_checked = True
-            self._new = {"has_nn": has_nn, "pos": [], "nn": []}
+            self._new = {"has_nn": has_nn, "pos": _Words(), "nn": _Words()}
         elif j <= r.npos:
             kind, const = w & 3, w >> 8
             if kind == 3:
@@ -825,7 +962,7 @@ class GoldenResponder:
             nx, ny = w & 0xFFFF, w >> 16
             if ny >= r.ho or nx >= r.wo:
                 raise _Fault(ErrorCode.BAD_VALUE, w)
-            self._new["nn"].append((ny, nx))
+            self._new["nn"].append(w)
 
     def _ifmap_word(self, j, w):
         self._new.append(w)
@@ -844,9 +981,10 @@ class GoldenResponder:
             out.append(Message(Res.OK, ()))
         elif op == Op.LOAD_PLAN:
             r = self.layer_regs
-            pos = np.asarray(self._new["pos"], np.int64).reshape(r.cout, r.ho, r.wo)
+            pos = self._new["pos"].array().reshape(r.cout, r.ho, r.wo)
             if self._new["has_nn"]:
-                nn = np.asarray(self._new["nn"], np.int64).reshape(r.ho, r.wo, 2)
+                nnw = self._new["nn"].array()
+                nn = np.stack([nnw >> 16, nnw & 0xFFFF], axis=-1).reshape(r.ho, r.wo, 2)
             else:
                 nn = np.zeros((r.ho, r.wo, 2), np.int64)
             self.plan = (pos & 3, (pos >> 2 & 1).astype(bool), pos >> 8, nn)
@@ -855,7 +993,7 @@ class GoldenResponder:
             r = self.layer_regs
             count = r.cin * r.h * r.w
             per = acts_per_word(self.config)
-            v = _unpack(self._new, per, count)
+            v = _unpack(self._new.array(), per, count)
             bits = self.config.act_bits
             v = v & ((1 << bits) - 1)
             if r.act_signed:
@@ -869,12 +1007,16 @@ class GoldenResponder:
         """The :class:`Layer` the engine holds (layer registers and, if used, the plan)."""
         r, cfg = self.layer_regs, self.config
         t = r.t
+        words = r.weights.array().reshape(r.cout, t)
+        order = words >> 16                             # tap index of each stream slot
+        wv = _sx_array(words, cfg.weight_bits)
         w = np.zeros((r.cout, t), np.int64)
-        order = np.zeros((r.cout, t), np.int64)
-        for c in range(r.cout):
-            for j, (wv, idx) in enumerate(r.weights[c * t:(c + 1) * t]):
-                order[c, j] = idx
-                w[c, idx] = wv
+        if (np.sort(order, axis=1) == np.arange(t)).all():
+            np.put_along_axis(w, order, wv, axis=1)     # each tap once (a good layer)
+        else:                                           # repeated taps: the last one stays
+            for c in range(r.cout):
+                for j in range(t):
+                    w[c, order[c, j]] = wv[c, j]
         chan = np.asarray(r.chan, np.int64).reshape(r.cout, 6)
         layer = Layer(
             in_shape=(r.cin, r.h, r.w), w=w.reshape(r.cout, r.cin, r.k, r.k), b=chan[:, 0],

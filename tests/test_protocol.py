@@ -287,3 +287,50 @@ def test_a_words_own_checks_come_before_an_early_tlast():
     bad[4] &= ~0xFF                                     # K = 0 on the word that ends early
     assert P.GoldenResponder(cfg).feed_message(bad) == [
         P.Message(Res.ERROR, (int(E.BAD_VALUE), 0))]
+
+
+def _beat_by_beat(responder, words, last, cfg):
+    """``responder.feed`` one beat at a time (the word-by-word path, no bulk runs)."""
+    n = P.words_per_beat(cfg)
+    out = []
+    for i in range(0, len(words), n):
+        out += responder.feed_beat(words[i:i + n], last and i + n == len(words))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_bulk_bodies_answer_like_word_by_word(name):
+    """feed() checks long bodies a run of beats at a time: same replies, codes and state as
+    feed_beat() beat by beat, on good bodies and on bodies with a bad word anywhere."""
+    cfg = CONFIGS[name]
+    rng = np.random.default_rng(14)
+    feats = [f for f in ("velcro", "perforation", "early_term") if cfg.has(f)]
+    layer = small_layer(cfg, rng, features=feats, cin=3, cout=4, h=7, w=6)
+    x = randlayer.random_input(rng, layer.in_shape)
+    msgs = P.encode_commands(layer, x, cfg, trace=cfg.trace)
+    _, ho, wo = layer.out_shape
+    for trial in range(80):
+        fast, slow = P.GoldenResponder(cfg), P.GoldenResponder(cfg)
+        for m, words in enumerate(msgs):
+            words = list(words)
+            if trial and m == trial % len(msgs) and len(words) > 3:
+                # A word near a check's bound: tap index, kind, constant, NN coordinates.
+                k, d, e = int(rng.integers(2, len(words))), *rng.integers(-1, 2, 2)
+                words[k] = [words[k] ^ (1 << int(rng.integers(32))),
+                            (words[k] & 0xFFFF) | (layer.taps + d) << 16,
+                            (words[k] & ~3 & P.WORD_MASK) | int(rng.integers(4)),
+                            (words[k] & 0xFF) | ((1 << layer.out_bits) + d) << 8,
+                            (ho + d) << 16 | (wo + e)][trial % 5] & P.WORD_MASK
+            beat = [v for g in P.beat_words(words, cfg) for v in g]
+            last = bool(trial % 7) or m != 1
+            try:
+                got = fast.feed(np.asarray(beat, np.uint32), last)
+            except P.UndefinedBehavior:
+                with pytest.raises(P.UndefinedBehavior):
+                    _beat_by_beat(slow, beat, last, cfg)
+                break
+            assert got == _beat_by_beat(slow, beat, last, cfg), (trial, m)
+            assert (fast.idle, fast._idx, fast._dropping) == (slow.idle, slow._idx,
+                                                              slow._dropping)
+            if fast.ifmap is not None or slow.ifmap is not None:
+                assert (fast.ifmap == slow.ifmap).all()

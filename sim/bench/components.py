@@ -107,8 +107,9 @@ class Model:
             words += [(int(data) >> (32 * j)) & P.WORD_MASK for j in range(n)]
         self.command_words(words)
 
-    def command_words(self, words: list[int]):
-        """One accepted frame as its words (whole beats, ``tlast`` on the last)."""
+    def command_words(self, words):
+        """One accepted frame as its words (whole beats, ``tlast`` on the last; a list or an
+        integer array)."""
         self.expected += self.responder.feed(words, last=True)
 
     def reset(self):
