@@ -63,6 +63,8 @@ class Dispatcher(wiring.Component):
         c = Signal(hp.cout_bits)
         y0 = Signal(hp.dim_bits + 4)
         x0 = Signal(hp.dim_bits + 4)
+        x0s = Signal(hp.dim_bits + 8)              # x0 * S, kept by addition
+        tws = Signal(hp.dim_bits + 8)              # tw * S
         chbase = Signal(hp.ofn_bits + 1)
         rowaddr = Signal(hp.ofn_bits + 4)
         row_iy0 = Signal(signed(hp.coord_bits + 1))
@@ -75,7 +77,7 @@ class Dispatcher(wiring.Component):
             u.spec.eq(self.prm_data.spec), u.th.eq(self.prm_data.th),
             u.stop0.eq(self.prm_data.stop0), u.wbase.eq(wbase), u.widx.eq(widx),
             u.oaddr.eq(rowaddr + x0), u.iy0.eq(row_iy0),
-            u.ix0.eq(x0 * L.stride - L.pad), u.base.eq(row_base + x0 * L.stride),
+            u.ix0.eq(x0s - L.pad), u.base.eq(row_base + x0s),
             u.hmax.eq(Mux(L.ho - y0 < th, L.ho - y0, th)),
             u.wmax.eq(Mux(L.wo - x0 < tw, L.wo - x0, tw)),
             self.prm_addr.eq(c),
@@ -89,13 +91,14 @@ class Dispatcher(wiring.Component):
             with m.State("SETUP"):
                 m.d.sync += [
                     th.eq(Mux(zp, L.p, 1)), tw.eq(Mux(zp, L.p, hp.unit_width)),
-                    c.eq(0), y0.eq(0), x0.eq(0), chbase.eq(0), rowaddr.eq(0), wbase.eq(0),
+                    c.eq(0), y0.eq(0), x0.eq(0), x0s.eq(0), chbase.eq(0), rowaddr.eq(0),
+                    wbase.eq(0),
                     widx.eq(0), row_iy0.eq(-L.pad), p_w.eq(-(L.pad * L.w + L.pad)),
                     row_base.eq(-(L.pad * L.w + L.pad)),
                 ]
                 m.next = "SETUP2"
             with m.State("SETUP2"):
-                m.d.sync += [ths.eq(th * L.stride), thwo.eq(th * L.wo)]
+                m.d.sync += [ths.eq(th * L.stride), thwo.eq(th * L.wo), tws.eq(tw * L.stride)]
                 m.next = "SETUP3"
             with m.State("SETUP3"):
                 m.d.sync += thsw.eq(ths * L.w)
@@ -107,9 +110,9 @@ class Dispatcher(wiring.Component):
                 with m.If(rr.valid):
                     m.d.sync += widx.eq(widx + 1)
                     with m.If(x0 + tw < L.wo):
-                        m.d.sync += x0.eq(x0 + tw)
+                        m.d.sync += [x0.eq(x0 + tw), x0s.eq(x0s + tws)]
                     with m.Else():
-                        m.d.sync += x0.eq(0)
+                        m.d.sync += [x0.eq(0), x0s.eq(0)]
                         with m.If(y0 + th < L.ho):
                             m.d.sync += [y0.eq(y0 + th), rowaddr.eq(rowaddr + thwo),
                                          row_iy0.eq(row_iy0 + ths),

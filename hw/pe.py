@@ -168,6 +168,8 @@ class PE(wiring.Component):
         b_pos = Signal(ready_layout(hp))
         b_follow = Signal()
 
+        row_step = Signal(signed(hp.base_bits + 1))   # S * W, registered (fixed per layer)
+        m.d.sync += row_step.eq(L.stride * L.w)
         credit = Signal()
         m.d.comb += credit.eq(rq.level + b_valid < READY_DEPTH)
         advance = Signal()
@@ -187,8 +189,6 @@ class PE(wiring.Component):
                 m.d.sync += [dx.eq(dx + 1), p_oaddr.eq(p_oaddr + 1),
                              p_ix0.eq(p_ix0 + L.stride), p_base.eq(p_base + L.stride)]
             with m.Else():
-                row_step = Signal(signed(hp.base_bits + 1))
-                m.d.comb += row_step.eq(L.stride * L.w)
                 m.d.sync += [dx.eq(0), dy.eq(dy + 1),
                              p_oaddr.eq(r_oaddr + L.wo), r_oaddr.eq(r_oaddr + L.wo),
                              p_iy0.eq(r_iy0 + L.stride), r_iy0.eq(r_iy0 + L.stride),
