@@ -121,6 +121,30 @@ class Loader(wiring.Component):
                         m.d.sync += [dest.eq(mul.product), step.eq(k + 1), mul_busy.eq(0)]
             return step == len(jobs)
 
+        # Header checks, registered: a header word is taken one cycle after its inputs (the
+        # word, the layer registers, the products) are final (``hold``), so its checks are
+        # registers here instead of comparators in front of the fault logic.
+        hd = data
+        checks = {
+            "lo_zero": hd[0:16] == 0, "hi_zero": hd[16:32] == 0,            # words 0, 1
+            "cout_limit": hd[16:32] > cfg.max_cout, "size_limit": cin_hw > cfg.max_ifmap,
+            "k_zero": hd[0:8] == 0, "k_limit": hd[0:8] > cfg.max_k,          # word 2
+            "s_zero": hd[8:16] == 0, "pad_ge_k": hd[16:24] >= hd[0:8],
+            "p_one": hd[24:32] == 1, "p_nonzero": hd[24:32] != 0,
+            "p_limit": hd[24:32] > cfg.max_p,
+            "h_lt_k": L.h + 2 * hd[16:24] < hd[0:8], "w_lt_k": L.w + 2 * hd[16:24] < hd[0:8],
+            "nout_limit": n_out > cfg.max_ofmap,
+            "et_three": hd[2:4] == 3, "et_nonzero": hd[2:4] != 0,           # word 3
+            "ob_zero": hd[8:16] == 0, "ob_limit": hd[8:16] > cfg.out_bits,
+            "t_ne_kk": hd != cin_kk, "t_limit": hd > cfg.max_taps,          # word 4
+            "n_mismatch": n != n_params + ct,
+        }
+        hc = {}
+        for name, cond in checks.items():
+            hc[name] = Signal(name=f"hchk_{name}")
+            m.d.sync += hc[name].eq(cond)
+        hold = Signal()
+
         with m.If(div_h.done & div_w.done):
             with m.If(settle != 3):
                 m.d.sync += settle.eq(settle + 1)
@@ -280,13 +304,14 @@ class Loader(wiring.Component):
                 # activations for the unpacker.
                 with m.Switch(op):
                     with m.Case(Op.LOAD_LAYER):
+                        base = Signal()               # a header word's inputs are final
                         with m.If(i == 1):
                             with m.If(self.words.valid):
-                                m.d.comb += ready.eq(products([
+                                m.d.comb += base.eq(products([
                                     (data[0:16], data[16:32], hw_), (hw_, L.cin, cin_hw)]))
                         with m.Elif(i == 4):
                             with m.If(self.words.valid):
-                                m.d.comb += ready.eq(products([(data, L.cout, ct)]))
+                                m.d.comb += base.eq(products([(data, L.cout, ct)]))
                         with m.Elif(i == 2):
                             # the output size is checked on this word: divide first
                             with m.If(self.words.valid & ~div_started):
@@ -302,13 +327,18 @@ class Loader(wiring.Component):
                                     settle.eq(0), div_started.eq(1)]
                             with m.If(div_started & sizes_ready):
                                 k = data[0:8]
-                                m.d.comb += ready.eq(products([
+                                m.d.comb += base.eq(products([
                                     (div_h.quotient + 1, div_w.quotient + 1, howo),
                                     (howo, L.cout, n_out), (k, k, kk), (kk, L.cin, cin_kk)]))
+                        with m.Elif(i < 5):
+                            m.d.comb += base.eq(1)
                         with m.Elif(i >= n_params):
                             m.d.comb += ready.eq(~b_run)
                         with m.Else():
                             m.d.comb += ready.eq(1)
+                        with m.If(i < 5):
+                            m.d.comb += ready.eq(base & hold)
+                            m.d.sync += hold.eq(self.words.valid & base & ~take)
                     with m.Case(Op.LOAD_IFMAP):
                         m.d.comb += ready.eq(up_cnt <= 1)
                     with m.Default():
@@ -324,7 +354,7 @@ class Loader(wiring.Component):
                                                  b_run, b_t,
                                                  b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j,
                                                  wp_valid, wp_w, wp_row, wp_lane, wc_e,
-                                                 wc_lane, wc_row, div_started)
+                                                 wc_lane, wc_row, div_started, hc)
                             with m.Case(Op.LOAD_PLAN):
                                 self._plan_word(m, hp, data, i, n, L, fail, has_nn, q)
                             with m.Case(Op.LOAD_IFMAP):
@@ -387,28 +417,27 @@ class Loader(wiring.Component):
 
     def _layer_word(self, m, hp, data, i, n, L, fail, div_h, div_w, cin_kk, n_out, howo, cin_hw,
                     ct, n_params, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j, wp_valid,
-                    wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, div_started):
+                    wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, div_started, hc):
         cfg = hp.config
         g = cfg.g
         with m.If(i == 0):
             cin, cout = data[0:16], data[16:32]
             m.d.sync += [L.cin.eq(cin), L.cout.eq(cout), n_params.eq(5 + (cout << 2) + cout)]
-            with m.If(cin == 0):
+            with m.If(hc["lo_zero"]):
                 fail(Err.BAD_VALUE, cin)
-            with m.Elif(cout == 0):
+            with m.Elif(hc["hi_zero"]):
                 fail(Err.BAD_VALUE, cout)
-            with m.Elif(cout > cfg.max_cout):
+            with m.Elif(hc["cout_limit"]):
                 fail(Err.LIMIT, cout)
         with m.Elif(i == 1):
             h, w = data[0:16], data[16:32]
             m.d.sync += [L.h.eq(h), L.w.eq(w)]
-            size = cin_hw
-            with m.If(h == 0):
+            with m.If(hc["lo_zero"]):
                 fail(Err.BAD_VALUE, h)
-            with m.Elif(w == 0):
+            with m.Elif(hc["hi_zero"]):
                 fail(Err.BAD_VALUE, w)
-            with m.Elif(size > cfg.max_ifmap):
-                fail(Err.LIMIT, size)
+            with m.Elif(hc["size_limit"]):
+                fail(Err.LIMIT, cin_hw)
         with m.Elif(i == 2):
             k, s, pad, p = data[0:8], data[8:16], data[16:24], data[24:32]
             m.d.sync += [L.k.eq(k), L.stride.eq(s), L.pad.eq(pad), L.p.eq(p),
@@ -417,25 +446,25 @@ class Loader(wiring.Component):
                          # the tap table for this geometry (bounded by the table size)
                          b_run.eq(k != 0), b_t.eq(0), b_ci.eq(0), b_ky.eq(0), b_kx.eq(0),
                          b_offc.eq(0), b_offy.eq(0)]
-            with m.If(k == 0):
+            with m.If(hc["k_zero"]):
                 fail(Err.BAD_VALUE, k)
-            with m.Elif(k > cfg.max_k):
+            with m.Elif(hc["k_limit"]):
                 fail(Err.LIMIT, k)
-            with m.Elif(s == 0):
+            with m.Elif(hc["s_zero"]):
                 fail(Err.BAD_VALUE, s)
-            with m.Elif(pad >= k):
+            with m.Elif(hc["pad_ge_k"]):
                 fail(Err.BAD_VALUE, pad)
-            with m.Elif(p == 1):
+            with m.Elif(hc["p_one"]):
                 fail(Err.BAD_VALUE, p)
-            with m.Elif((p != 0) & (not cfg.has("zero_pred"))):
+            with m.Elif(hc["p_nonzero"] & (not cfg.has("zero_pred"))):
                 fail(Err.FEATURE, FEATURE_BITS["zero_pred"])
-            with m.Elif(p > cfg.max_p):
+            with m.Elif(hc["p_limit"]):
                 fail(Err.LIMIT, p)
-            with m.Elif(L.h + 2 * pad < k):
+            with m.Elif(hc["h_lt_k"]):
                 fail(Err.BAD_VALUE, L.h)
-            with m.Elif(L.w + 2 * pad < k):
+            with m.Elif(hc["w_lt_k"]):
                 fail(Err.BAD_VALUE, L.w)
-            with m.Elif(n_out > cfg.max_ofmap):
+            with m.Elif(hc["nout_limit"]):
                 fail(Err.LIMIT, n_out)
         with m.Elif(i == 3):
             et = data[2:4]
@@ -443,24 +472,24 @@ class Loader(wiring.Component):
             ob = data[8:16]
             m.d.sync += [L.act_signed.eq(data[0]), L.raw.eq(data[1]), L.et.eq(et),
                          L.has_plan.eq(has_plan), L.out_bits.eq(ob)]
-            with m.If(et == 3):
+            with m.If(hc["et_three"]):
                 fail(Err.BAD_VALUE, et)
-            with m.Elif((et != 0) & (not cfg.has("early_term"))):
+            with m.Elif(hc["et_nonzero"] & (not cfg.has("early_term"))):
                 fail(Err.FEATURE, FEATURE_BITS["early_term"])
             with m.Elif(has_plan & (not hp.plan)):
                 fail(Err.FEATURE, PLAN_FEATURES)
-            with m.Elif(ob == 0):
+            with m.Elif(hc["ob_zero"]):
                 fail(Err.BAD_VALUE, ob)
-            with m.Elif(ob > cfg.out_bits):
+            with m.Elif(hc["ob_limit"]):
                 fail(Err.LIMIT, ob)
         with m.Elif(i == 4):
             t = data
             m.d.sync += [L.taps.eq(t), L.rows.eq((t + g - 1) // g)]
-            with m.If(t != cin_kk):
+            with m.If(hc["t_ne_kk"]):
                 fail(Err.BAD_VALUE, t)
-            with m.Elif(t > cfg.max_taps):
+            with m.Elif(hc["t_limit"]):
                 fail(Err.LIMIT, t)
-            with m.Elif(n != n_params + ct):
+            with m.Elif(hc["n_mismatch"]):
                 fail(Err.BAD_LENGTH, n)
         with m.Elif(i < n_params):
             # per-channel parameters: bias, M/sh, neg_start, spec, th
