@@ -335,6 +335,7 @@ class _Search:
 
 _FIRST_WIDTH = 16     # tail taps of the first round of the backward search
 _MAX_WIDTH = 512      # most tail taps per round
+_COPY_ROWS = True
 
 
 def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
@@ -366,56 +367,71 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
     # A round's running sums are at most width * |w| * x: int32 when that bound allows.
     acc_type = np.int32 if _MAX_WIDTH * wmax * xmax < _I32 else np.int64
     lim_max = np.iinfo(acc_type).max
-    n = len(c_idx)
-    result = np.empty(n, np.int64)
-    active = np.arange(n)
-    rem = np.asarray(target, np.int64)            # s of the scanned taps must exceed rem
-    ca, pa = c_idx, p_idx
+    result = np.empty(len(c_idx), np.int64)
+    # The open pairs, one column each: original index, channel, position, what the sum of
+    # the taps still to scan must exceed (one array: compacted in one step per round).
+    state = np.stack([np.arange(len(c_idx)), c_idx, p_idx, np.asarray(target, np.int64)])
     k0, width = 0, _FIRST_WIDTH
-    rows = np.arange(cout)[:, None]
-    while len(active):
+    w2_flat = np.ascontiguousarray(w2).ravel()
+    row_start = np.arange(cout) * t
+    e0_max = int(e0.max())
+    while state.shape[1]:
         if k0 >= kmax:
             raise AssertionError("early-termination search ran past e0: a bug in the golden "
                                  "model")
         w = min(width, kmax - k0)
-        # The round's taps, last first: ranks t-1-k0 down to t-k0-w, tables (w, Cout).
-        tap = order[:, t - k0 - w:t - k0][:, ::-1]
-        wt = np.negative(w2[rows, tap], dtype=acc_type)              # >= 0 from e0 on
-        wt[(t - 1 - k0 - np.arange(w))[None, :] < e0[:, None]] = 0
-        tap_t = np.ascontiguousarray(tap.T) * npos                   # flat row offsets
-        wt_t = np.ascontiguousarray(wt.T)
-        found = np.empty(len(active), bool)
-        last = np.empty(len(active), acc_type)
-        lim = np.minimum(rem, lim_max).astype(acc_type)
+        # The round's taps, last first (ranks t-1-k0 down to t-k0-w): tables (w, Cout).
+        tap = np.ascontiguousarray(order[:, t - k0 - w:t - k0][:, ::-1].T)
+        wt_t = np.take(w2_flat, tap + row_start).astype(acc_type)
+        np.negative(wt_t, out=wt_t)                                  # >= 0 from e0 on
+        if t - k0 - w < e0_max:
+            wt_t[(t - 1 - k0 - np.arange(w))[:, None] < e0[None, :]] = 0
+        n_open = state.shape[1]
+        rows = None
+        if _COPY_ROWS and n_open * 8 > cout * npos and w * cout * npos <= 8 * _SEARCH_BLOCK:
+            # Many open pairs: copy the round's input rows of every channel (contiguous
+            # rows, cheap) and pick the pairs' columns, one index per pair.
+            rows = cols[tap.ravel()].reshape(w, cout * npos)
+        else:
+            tap *= npos                                              # flat row offsets
+        found = np.empty(n_open, bool)
+        last = np.empty(n_open, acc_type)
+        lim = np.minimum(state[3], lim_max).astype(acc_type)
         step = max(1, _SEARCH_BLOCK // w)
-        for s in range(0, len(active), step):      # bounded temporaries
+        for s in range(0, n_open, step):                             # bounded temporaries
             sl = slice(s, s + step)
-            f, j, last[sl] = _round(flat, tap_t, wt_t, ca[sl], pa[sl], lim[sl], cout)
+            f, j, last[sl] = _round(flat, rows, tap, wt_t, state[1, sl], state[2, sl], lim[sl],
+                                    cout, npos)
             found[sl] = f
             if len(j):
                 e = t - (k0 + j + 1) + 1                              # T - k* + 1
-                result[active[sl][f]] = np.minimum(-(-e // g) * g, t)
+                result[state[0, sl][f]] = np.minimum(-(-e // g) * g, t)
         keep = ~found
-        rem = rem[keep] - last[keep]
-        active, ca, pa = active[keep], ca[keep], pa[keep]
+        state = state[:, keep]
+        state[3] -= last[keep]
         k0 += w
         width = min(max(width, k0 // 2), _MAX_WIDTH)
     return result
 
 
-def _round(flat, tap_t, wt_t, ca, pa, lim, cout):
+def _round(flat, rows, tap_t, wt_t, ca, pa, lim, cout, npos):
     """One round of :func:`_first_stop` on some open pairs (channel-major).
 
+    The input values come from ``rows`` (the round's input rows per channel, ``(w, Cout*P)``)
+    when given, else from ``flat`` (the tap matrix) at ``tap_t`` (flat row offsets) + position.
     Returns ``(found, j, last)``: which pairs' running sum exceeds ``lim`` in this round, the
     first row where it does (for those pairs), and every pair's sum over the whole round.
     """
-    w = tap_t.shape[0]
+    w = wt_t.shape[0]
     counts = np.bincount(ca, minlength=cout)                         # pairs per channel
-    idx = np.repeat(tap_t, counts, axis=1)                           # (w, n) flat indices
-    idx += pa
-    terms = np.repeat(wt_t, counts, axis=1)
-    terms *= np.take(flat, idx)
-    del idx
+    terms = np.repeat(wt_t, counts, axis=1)                          # (w, n)
+    if rows is not None:
+        terms *= np.take(rows, ca * npos + pa, axis=1)
+    else:
+        idx = np.repeat(tap_t, counts, axis=1)                       # flat indices
+        idx += pa
+        terms *= np.take(flat, idx)
+        del idx
     for k in range(1, w):                                            # running sums s
         np.add(terms[k], terms[k - 1], out=terms[k])
     found = terms[-1] > lim

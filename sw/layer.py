@@ -389,12 +389,26 @@ def _validate(layer: Layer, g, x):
     if layer.et == "exact" and layer.act_signed:
         raise _err("et", "exact", "exact early termination needs a non-negative input "
                    "(act_signed is true)")
+    neg = neg_error = None
+    hit = None
     if layer.order is not None:
         order = _int_array("order", layer.order, (cout, t), 0, t - 1)
+        if layer.neg_start is not None:
+            try:                            # reported after the order's own checks
+                neg = _int_array("neg_start", layer.neg_start, (cout,), 0, t)
+            except LayerError as exc:
+                neg_error = exc
         # Values are in 0..t-1 and a row has t of them: a permutation iff every tap is hit.
-        hit = np.zeros(cout * t, bool)
-        hit[(np.arange(cout) * t)[:, None] + order] = True
-        bad = np.nonzero(~hit.reshape(cout, t).all(axis=1))[0]
+        # One scatter marks each tap 1 (before neg_start) or 2 (at or after it): the
+        # neg_start check below then needs no gather of the weights in tap order.
+        hit = np.zeros(cout * t, np.int8)
+        if neg is None:
+            hit[(np.arange(cout) * t)[:, None] + order] = 1
+        else:
+            hit[(np.arange(cout) * t)[:, None] + order] = (
+                np.arange(t, dtype=np.int32)[None, :] >= neg[:, None]).view(np.int8) + 1
+        hit = hit.reshape(cout, t)
+        bad = np.nonzero(~hit.all(axis=1))[0]
         if bad.size:
             c = int(bad[0])
             dup = np.nonzero(np.bincount(order[c], minlength=t) != 1)[0][0]
@@ -403,13 +417,20 @@ def _validate(layer: Layer, g, x):
                        f"must be a permutation of 0..{t - 1}")
     else:
         order = np.broadcast_to(np.arange(t), (cout, t))
-    if layer.neg_start is not None:
+    if neg_error is not None:
+        raise neg_error
+    if layer.neg_start is not None and neg is None:
         neg = _int_array("neg_start", layer.neg_start, (cout,), 0, t)
+    if neg is not None:
         wflat = w.reshape(cout, t)
-        ordered_w = take_rows(wflat, order)
-        after = np.arange(t)[None, :] >= neg[:, None]
-        pos_after = after & (ordered_w > 0)
-        if pos_after.any():
+        if hit is not None:
+            after_tap = hit == 2                     # taps at or after neg_start, by tap index
+        else:                                        # identity order
+            after_tap = np.arange(t)[None, :] >= neg[:, None]
+        if (after_tap & (wflat > 0)).any():
+            ordered_w = take_rows(wflat, order)      # only to name the offending tap
+            after = np.arange(t)[None, :] >= neg[:, None]
+            pos_after = after & (ordered_w > 0)
             c, j = (int(v) for v in np.argwhere(pos_after)[0])
             raise _err(f"neg_start[{c}]", int(neg[c]),
                        f"tap order[{c}][{j}] = {int(order[c, j])} has positive weight "
