@@ -257,16 +257,16 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, w32, g: int, plan):
         return ranks[0]
 
     def psum_at(e):          # psum after the first e[c] taps of order[c], all positions
-        return b + _exact_products(np.where(rank() < e[:, None], w32, 0), taps, taps.xmax, plan)
+        masked = w32 * (rank() < e[:, None])          # float32 (np.where is much slower)
+        return b + _exact_products(masked, taps, taps.xmax, plan)
 
     # Rule 2: from the first check point at or after neg_start, psum can only fall (weights
     # <= 0 on a non-negative input; a signed input has neg_start = T, the final check only).
     e0 = np.minimum(-(-L.neg_start // g) * g, t)
-    positive = w2 > 0
-    if np.array_equal(np.count_nonzero(positive, axis=1), e0):
+    if np.array_equal(np.count_nonzero(w2 > 0, axis=1), e0):
         # Every positive weight comes before neg_start <= e0, so when a channel has exactly
         # e0 of them its first e0 taps are its positive taps: no rank table needed.
-        ps0 = b + _exact_products(np.where(positive, w32, 0), taps, taps.xmax, plan)
+        ps0 = b + _exact_products(np.maximum(w32, np.float32(0)), taps, taps.xmax, plan)
     else:
         ps0 = psum_at(e0)
     at_e0 = ps0 <= 0
@@ -335,7 +335,6 @@ class _Search:
 
 _FIRST_WIDTH = 16     # tail taps of the first round of the backward search
 _MAX_WIDTH = 512      # most tail taps per round
-_COPY_ROWS = True
 
 
 def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
@@ -380,18 +379,19 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
             raise AssertionError("early-termination search ran past e0: a bug in the golden "
                                  "model")
         w = min(width, kmax - k0)
-        # The round's taps, last first (ranks t-1-k0 down to t-k0-w): tables (w, Cout).
-        tap = np.ascontiguousarray(order[:, t - k0 - w:t - k0][:, ::-1].T)
-        wt_t = np.take(w2_flat, tap + row_start).astype(acc_type)
-        np.negative(wt_t, out=wt_t)                                  # >= 0 from e0 on
-        if t - k0 - w < e0_max:
-            wt_t[(t - 1 - k0 - np.arange(w))[:, None] < e0[None, :]] = 0
-        n_open = state.shape[1]
+        # Tables for the channels with open pairs only (late rounds have few).
+        ch = state[1]                                     # sorted (channel-major pairs)
+        first = np.flatnonzero(np.concatenate(([True], ch[1:] != ch[:-1])))
+        chans = ch[first]
+        local = np.repeat(np.arange(len(chans)), np.diff(np.append(first, len(ch))))
+        tap, wt_t = _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type,
+                                  chans if len(chans) < cout else None)
+        n_open, nch = state.shape[1], len(chans)
         rows = None
-        if _COPY_ROWS and n_open * 8 > cout * npos and w * cout * npos <= 8 * _SEARCH_BLOCK:
-            # Many open pairs: copy the round's input rows of every channel (contiguous
-            # rows, cheap) and pick the pairs' columns, one index per pair.
-            rows = cols[tap.ravel()].reshape(w, cout * npos)
+        if n_open * 8 > nch * npos and w * nch * npos <= 8 * _SEARCH_BLOCK:
+            # Many open pairs: copy the round's input rows of every open channel
+            # (contiguous rows, cheap) and pick the pairs' columns, one index per pair.
+            rows = cols[tap.ravel()].reshape(w, nch * npos)
         else:
             tap *= npos                                              # flat row offsets
         found = np.empty(n_open, bool)
@@ -400,8 +400,8 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
         step = max(1, _SEARCH_BLOCK // w)
         for s in range(0, n_open, step):                             # bounded temporaries
             sl = slice(s, s + step)
-            f, j, last[sl] = _round(flat, rows, tap, wt_t, state[1, sl], state[2, sl], lim[sl],
-                                    cout, npos)
+            f, j, last[sl] = _round(flat, rows, tap, wt_t, local[sl], state[2, sl], lim[sl],
+                                    nch, npos)
             found[sl] = f
             if len(j):
                 e = t - (k0 + j + 1) + 1                              # T - k* + 1
@@ -414,8 +414,26 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
     return result
 
 
+def _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type, chans=None):
+    """The taps of a round, last first (ranks ``t-1-k0`` down to ``t-k0-w``), and their
+    negated weights (zero before ``e0``): tables ``(w, channels)``, for the channels
+    ``chans`` (default all)."""
+    t = order.shape[1]
+    sub = order[:, t - k0 - w:t - k0]
+    if chans is not None:
+        sub, row_start, e0 = sub[chans], row_start[chans], e0[chans]
+    # Gathered row by row (each channel's weights stay in one row: cache friendly), then
+    # reversed and transposed as small tables.
+    wsub = np.take(w2_flat, sub + row_start[:, None])
+    tap = np.ascontiguousarray(sub[:, ::-1].T)
+    wt_t = np.negative(wsub[:, ::-1].T, dtype=acc_type, order="C")  # >= 0 from e0 on
+    if t - k0 - w < e0_max:
+        wt_t[(t - 1 - k0 - np.arange(w))[:, None] < e0[None, :]] = 0
+    return tap, wt_t
+
+
 def _round(flat, rows, tap_t, wt_t, ca, pa, lim, cout, npos):
-    """One round of :func:`_first_stop` on some open pairs (channel-major).
+    """One round of :func:`_first_stop` on some open pairs (sorted by table column ``ca``).
 
     The input values come from ``rows`` (the round's input rows per channel, ``(w, Cout*P)``)
     when given, else from ``flat`` (the tap matrix) at ``tap_t`` (flat row offsets) + position.
