@@ -335,6 +335,8 @@ class _Search:
 
 _FIRST_WIDTH = 16     # tail taps of the first round of the backward search
 _MAX_WIDTH = 512      # most tail taps per round
+_GROWTH = 2           # a round after k0 taps is k0 / _GROWTH wide (at least the first's width)
+_ROWS_SHARE = 8       # input rows copied while more than 1/_ROWS_SHARE of the pairs are open
 
 
 def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
@@ -383,12 +385,15 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
         ch = state[1]                                     # sorted (channel-major pairs)
         first = np.flatnonzero(np.concatenate(([True], ch[1:] != ch[:-1])))
         chans = ch[first]
-        local = np.repeat(np.arange(len(chans)), np.diff(np.append(first, len(ch))))
+        if len(chans) == cout:
+            local = ch
+        else:
+            local = np.repeat(np.arange(len(chans)), np.diff(np.append(first, len(ch))))
         tap, wt_t = _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type,
                                   chans if len(chans) < cout else None)
         n_open, nch = state.shape[1], len(chans)
         rows = None
-        if n_open * 8 > nch * npos and w * nch * npos <= 8 * _SEARCH_BLOCK:
+        if n_open * _ROWS_SHARE > nch * npos and w * nch * npos <= 8 * _SEARCH_BLOCK:
             # Many open pairs: copy the round's input rows of every open channel
             # (contiguous rows, cheap) and pick the pairs' columns, one index per pair.
             rows = cols[tap.ravel()].reshape(w, nch * npos)
@@ -410,7 +415,7 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
         state = state[:, keep]
         state[3] -= last[keep]
         k0 += w
-        width = min(max(width, k0 // 2), _MAX_WIDTH)
+        width = min(max(width, k0 // _GROWTH), _MAX_WIDTH)
     return result
 
 
