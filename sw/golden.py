@@ -158,7 +158,8 @@ def _product_plan(w: np.ndarray, xmax: int):
 
 def _product_bound(w: np.ndarray, xmax: int) -> float:
     """Largest ``sum(|w[c]|) * xmax``: no partial sum of a row's products exceeds it."""
-    return float(np.abs(w).sum(axis=1, dtype=np.float64).max()) * max(xmax, 1)
+    a = np.abs(w.astype(np.float32, copy=False)) if w.dtype.itemsize > 4 else np.abs(w)
+    return float(a.sum(axis=1, dtype=np.float64).max()) * max(xmax, 1)
 
 
 def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int, plan=None) -> np.ndarray:
@@ -265,12 +266,17 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, w32, g: int, plan):
     e0 = np.minimum(-(-L.neg_start // g) * g, t)
     if np.array_equal(np.count_nonzero(w2 > 0, axis=1), e0):
         # Every positive weight comes before neg_start <= e0, so when a channel has exactly
-        # e0 of them its first e0 taps are its positive taps: no rank table needed.
-        ps0 = b + _exact_products(np.maximum(w32, np.float32(0)), taps, taps.xmax, plan)
+        # e0 of them its first e0 taps are its positive taps: no rank table needed. On a
+        # non-negative input psum(e0) >= b then, so only channels with b <= 0 can stop at e0.
+        rows = np.flatnonzero(L.b <= 0) if L.x_range()[0] >= 0 else np.arange(cout)
+        at_e0 = np.zeros((cout, npos), bool)
+        if len(rows):
+            ps0 = _exact_products(np.maximum(w32[rows], np.float32(0)), taps, taps.xmax, plan)
+            ps0 += b[rows]
+            at_e0[rows] = ps0 <= 0
     else:
-        ps0 = psum_at(e0)
-    at_e0 = ps0 <= 0
-    e_stop[at_e0] = np.broadcast_to(e0[:, None], e_stop.shape)[at_e0]
+        at_e0 = psum_at(e0) <= 0
+    np.copyto(e_stop, e0[:, None], where=at_e0)
     fired |= at_e0
     crossing = ~at_e0 & (acc <= 0)        # stops at some check point in (e0, T]
     fired |= crossing
@@ -547,23 +553,23 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
         value = requantize(acc, L.M, L.sh, L.out_bits, overwrite=True)
     shape = (cout, n, ho, wo)
     if ets:
-        value[fired] = 0
+        np.copyto(value, 0, where=fired)      # masked copies: faster than value[fired] = 0
     out = value.reshape(shape)
 
     kind = L.kind[:, None]                                   # the plan is the same per image
     has_const, has_copy = bool((L.kind == CONST).any()), bool((L.kind == COPY).any())
     if has_const:
-        out = np.where(kind == CONST, L.const[:, None], out)
+        np.copyto(out, L.const[:, None], where=kind == CONST)     # in place (np.where is slow)
 
     predicted = None
     if L.p:
         predicted = _predicted_followers(out, kind, L.leader[:, None], L.p)
-        out[predicted] = 0
+        np.copyto(out, 0, where=predicted)
 
     if has_copy:
         copy = np.broadcast_to(kind == COPY, shape)
         ny, nx = L.nn[..., 0], L.nn[..., 1]
-        out = np.where(copy, out[..., ny, nx], out)
+        np.copyto(out, out[..., ny, nx], where=copy)
 
     if ets and search is not None:
         # The crossing pairs' stop points, only where MACs are performed: a CONST, COPY or
@@ -580,16 +586,16 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
     macs = e_stop.reshape(shape) if ets else np.full(shape, t, np.int64)
     outcome = np.zeros(shape, np.int8)                        # COMPUTED
     if ets:
-        outcome[macs < t] = STOPPED
+        np.copyto(outcome, STOPPED, where=macs < t)
     if has_const or has_copy:
         skipped = np.broadcast_to(kind != COMPUTE, shape)
-        macs = np.where(skipped, 0, macs)
-        outcome = np.where(skipped, np.broadcast_to(kind, shape).astype(np.int8), outcome)
+        np.copyto(macs, 0, where=skipped)
+        np.copyto(outcome, kind.astype(np.int8), where=skipped)
     if predicted is not None:
-        macs[predicted] = 0
-        outcome[predicted] = PREDICTED
+        np.copyto(macs, 0, where=predicted)
+        np.copyto(outcome, PREDICTED, where=predicted)
 
-    counts = [int(np.count_nonzero(outcome == code)) for code in range(len(OUTCOMES))]
+    counts = np.bincount(outcome.ravel(), minlength=len(OUTCOMES)).tolist()
     n_const, n_copy, n_pred = int(counts[CONST]), int(counts[COPY]), int(counts[PREDICTED])
     performed = int(macs.sum())
     result = Result(
