@@ -405,7 +405,7 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
             rows = cols[tap.ravel()].reshape(w, nch * npos)
         else:
             tap *= npos                                              # flat row offsets
-        found = np.empty(n_open, bool)
+        still = np.ones(n_open, bool)
         last = np.empty(n_open, acc_type)
         lim = np.minimum(state[3], lim_max).astype(acc_type)
         step = max(1, _SEARCH_BLOCK // w)
@@ -413,13 +413,16 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
             sl = slice(s, s + step)
             f, j, last[sl] = _round(flat, rows, tap, wt_t, local[sl], state[2, sl], lim[sl],
                                     nch, npos)
-            found[sl] = f
             if len(j):
-                e = t - (k0 + j + 1) + 1                              # T - k* + 1
-                result[state[0, sl][f]] = np.minimum(-(-e // g) * g, t)
-        keep = ~found
-        state = state[:, keep]
-        state[3] -= last[keep]
+                f += s
+                e = (t - k0) - j                                      # T - k* + 1
+                if g > 1:
+                    e = np.minimum(-(-e // g) * g, t)
+                result[np.take(state[0], f)] = e
+                still[f] = False
+        keep = np.flatnonzero(still)
+        state = np.take(state, keep, axis=1)
+        state[3] -= np.take(last, keep)
         k0 += w
         width = min(max(width, k0 // _GROWTH), _MAX_WIDTH)
     return result
@@ -448,8 +451,9 @@ def _round(flat, rows, tap_t, wt_t, ca, pa, lim, cout, npos):
 
     The input values come from ``rows`` (the round's input rows per channel, ``(w, Cout*P)``)
     when given, else from ``flat`` (the tap matrix) at ``tap_t`` (flat row offsets) + position.
-    Returns ``(found, j, last)``: which pairs' running sum exceeds ``lim`` in this round, the
-    first row where it does (for those pairs), and every pair's sum over the whole round.
+    Returns ``(found, j, last)``: the pairs whose running sum exceeds ``lim`` in this round
+    (indices), the first row where it does (for those pairs), and every pair's sum over the
+    whole round.
     """
     w = wt_t.shape[0]
     counts = np.bincount(ca, minlength=cout)                         # pairs per channel
@@ -463,20 +467,22 @@ def _round(flat, rows, tap_t, wt_t, ca, pa, lim, cout, npos):
         del idx
     for k in range(1, w):                                            # running sums s
         np.add(terms[k], terms[k - 1], out=terms[k])
-    found = terms[-1] > lim
-    fidx = np.flatnonzero(found)
-    # First row whose s exceeds lim (s is monotone down the rows): a binary search.
-    lo = np.zeros(len(fidx), np.int64)
-    hi = np.full(len(fidx), w - 1, np.int64)
+    last = terms[-1].copy()
+    fidx = np.flatnonzero(last > lim)
+    # First row whose s exceeds lim, i.e. the number j of rows with s <= lim (s is monotone
+    # down the rows): a binary search by bits, from the highest.
     flim = lim[fidx]
     tflat = terms.ravel()
     n = terms.shape[1]
-    while len(fidx) and (lo < hi).any():
-        mid = (lo + hi) >> 1
-        above = np.take(tflat, mid * n + fidx) > flim
-        hi = np.where(above, mid, hi)
-        lo = np.where(above, lo, mid + 1)
-    return found, lo, terms[-1].copy()
+    j = np.zeros(len(fidx), np.intp)
+    bit = 1 << (w - 1).bit_length() - 1 if w > 1 else 0
+    while bit and len(fidx):
+        cand = j + bit                                   # test row cand - 1 (if cand < w)
+        ok = np.take(tflat, (np.minimum(cand, w - 1) - 1) * n + fidx) <= flim
+        ok &= cand < w
+        j += ok * bit
+        bit >>= 1
+    return fidx, j, last
 
 
 # -- the layer -------------------------------------------------------------------------------
