@@ -562,8 +562,9 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
         np.copyto(value, 0, where=fired)      # masked copies: faster than value[fired] = 0
     out = value.reshape(shape)
 
-    kind = L.kind[:, None]                                   # the plan is the same per image
-    has_const, has_copy = bool((L.kind == CONST).any()), bool((L.kind == COPY).any())
+    kind = L.kind.astype(np.int8)[:, None]     # the plan is the same per image; int8: fast
+    plan_counts = np.bincount(kind.ravel(), minlength=3)
+    has_const, has_copy = bool(plan_counts[CONST]), bool(plan_counts[COPY])
     if has_const:
         np.copyto(out, L.const[:, None], where=kind == CONST)     # in place (np.where is slow)
 
@@ -596,12 +597,16 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
     if has_const or has_copy:
         skipped = np.broadcast_to(kind != COMPUTE, shape)
         np.copyto(macs, 0, where=skipped)
-        np.copyto(outcome, kind.astype(np.int8), where=skipped)
+        np.copyto(outcome, kind, where=skipped)
     if predicted is not None:
         np.copyto(macs, 0, where=predicted)
         np.copyto(outcome, PREDICTED, where=predicted)
 
-    counts = np.bincount(outcome.ravel(), minlength=len(OUTCOMES)).tolist()
+    counts = [0] * len(OUTCOMES)
+    counts[CONST], counts[COPY] = int(plan_counts[CONST]) * n, int(plan_counts[COPY]) * n
+    counts[PREDICTED] = int(np.count_nonzero(predicted)) if predicted is not None else 0
+    counts[STOPPED] = int(np.count_nonzero(outcome == STOPPED)) if ets else 0
+    counts[COMPUTED] = outcome.size - sum(counts)
     n_const, n_copy, n_pred = int(counts[CONST]), int(counts[COPY]), int(counts[PREDICTED])
     performed = int(macs.sum())
     result = Result(
