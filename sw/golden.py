@@ -391,10 +391,8 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
         ch = state[1]                                     # sorted (channel-major pairs)
         first = np.flatnonzero(np.concatenate(([True], ch[1:] != ch[:-1])))
         chans = ch[first]
-        if len(chans) == cout:
-            local = ch
-        else:
-            local = np.repeat(np.arange(len(chans)), np.diff(np.append(first, len(ch))))
+        counts = np.diff(np.append(first, len(ch)))     # open pairs per open channel
+        local = ch if len(chans) == cout else np.repeat(np.arange(len(chans)), counts)
         tap, wt_t = _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type,
                                   chans if len(chans) < cout else None)
         n_open, nch = state.shape[1], len(chans)
@@ -412,7 +410,7 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
         for s in range(0, n_open, step):                             # bounded temporaries
             sl = slice(s, s + step)
             f, j, last[sl] = _round(flat, rows, tap, wt_t, local[sl], state[2, sl], lim[sl],
-                                    nch, npos)
+                                    nch, npos, counts if step >= n_open else None)
             if len(j):
                 f += s
                 e = (t - k0) - j                                      # T - k* + 1
@@ -446,7 +444,7 @@ def _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type, chans=
     return tap, wt_t
 
 
-def _round(flat, rows, tap_t, wt_t, ca, pa, lim, cout, npos):
+def _round(flat, rows, tap_t, wt_t, ca, pa, lim, cout, npos, counts=None):
     """One round of :func:`_first_stop` on some open pairs (sorted by table column ``ca``).
 
     The input values come from ``rows`` (the round's input rows per channel, ``(w, Cout*P)``)
@@ -456,7 +454,8 @@ def _round(flat, rows, tap_t, wt_t, ca, pa, lim, cout, npos):
     whole round.
     """
     w = wt_t.shape[0]
-    counts = np.bincount(ca, minlength=cout)                         # pairs per channel
+    if counts is None:
+        counts = np.bincount(ca, minlength=cout)                     # pairs per channel
     terms = np.repeat(wt_t, counts, axis=1)                          # (w, n)
     if rows is not None:
         terms *= np.take(rows, ca * npos + pa, axis=1)
@@ -465,8 +464,11 @@ def _round(flat, rows, tap_t, wt_t, ca, pa, lim, cout, npos):
         idx += pa
         terms *= np.take(flat, idx)
         del idx
-    for k in range(1, w):                                            # running sums s
-        np.add(terms[k], terms[k - 1], out=terms[k])
+    if terms.shape[1] < 128:                                         # running sums s
+        np.cumsum(terms, axis=0, out=terms)
+    else:                                     # row by row: much faster on long rows
+        for k in range(1, w):
+            np.add(terms[k], terms[k - 1], out=terms[k])
     last = terms[-1].copy()
     fidx = np.flatnonzero(last > lim)
     # First row whose s exceeds lim, i.e. the number j of rows with s <= lim (s is monotone
