@@ -1,12 +1,14 @@
 """The NumPy golden model of one engine layer: the single source of truth (docs/semantics.md).
 
 ``run(layer, x, g)`` returns every output, the performed MACs of every position, its outcome
-and the per-layer accounting. It is vectorized over output positions: the loops are over
-channels (early-termination refinement) and never over positions.
+and the per-layer accounting. It is vectorized over output positions: the only loops are
+those of the early-termination stop-point search (rounds, the taps of a round, chunks of
+(channel, position) pairs), never over positions.
 
 Exactness: every sum is formed by a float matrix product only where the bound on its
 magnitude keeps float arithmetic exact (float32 below 2**24, float64 below 2**53); beyond that
-it falls back to int64 products.
+it falls back to int64 products. The stop-point search sums integers (int32 where its bound
+allows, else int64).
 """
 
 from __future__ import annotations
