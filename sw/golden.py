@@ -439,7 +439,7 @@ def _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type, chans=
     # Gathered row by row (each channel's weights stay in one row: cache friendly), then
     # reversed and transposed as small tables.
     wsub = np.take(w2_flat, sub + row_start[:, None])
-    tap = np.ascontiguousarray(sub[:, ::-1].T)
+    tap = sub[:, ::-1].T.copy()     # a copy even where the view is contiguous: edited later
     wt_t = np.negative(wsub[:, ::-1].T, dtype=acc_type, order="C")  # >= 0 from e0 on
     if t - k0 - w < e0_max:
         wt_t[(t - 1 - k0 - np.arange(w))[:, None] < e0[None, :]] = 0
