@@ -424,7 +424,8 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
         state = np.take(state, keep, axis=1)
         state[3] -= np.take(last, keep)
         k0 += w
-        width = min(max(width, k0 // _GROWTH), _MAX_WIDTH)
+        # Powers of two (a cheaper search for the row), growing with k0.
+        width = min(1 << (max(width, k0 // _GROWTH).bit_length() - 1), _MAX_WIDTH)
     return result
 
 
@@ -478,8 +479,17 @@ def _round(flat, rows, tap_t, wt_t, ca, pa, lim, cout, npos, counts=None):
     flim = lim[fidx]
     tflat = terms.ravel()
     n = terms.shape[1]
-    j = np.zeros(len(fidx), np.intp)
     bit = 1 << (w - 1).bit_length() - 1 if w > 1 else 0
+    if w & (w - 1) == 0:
+        # w a power of two: j never passes w - 1, so the flat index of row j - 1 of each
+        # pair is kept and moved by whole rows (fewest operations per level).
+        idx = fidx - n
+        while bit and len(fidx):
+            ok = np.take(tflat, idx + bit * n) <= flim
+            idx += ok * (bit * n)
+            bit >>= 1
+        return fidx, (idx - fidx) // n + 1, last
+    j = np.zeros(len(fidx), np.intp)
     while bit and len(fidx):
         cand = j + bit                                   # test row cand - 1 (if cand < w)
         ok = np.take(tflat, (np.minimum(cand, w - 1) - 1) * n + fidx) <= flim
