@@ -266,14 +266,16 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, w32, g: int, plan):
     # Rule 2: from the first check point at or after neg_start, psum can only fall (weights
     # <= 0 on a non-negative input; a signed input has neg_start = T, the final check only).
     e0 = np.minimum(-(-L.neg_start // g) * g, t)
-    if np.array_equal(np.count_nonzero(w2 > 0, axis=1), e0):
+    if np.array_equal(np.count_nonzero(w32 > 0, axis=1), e0):
         # Every positive weight comes before neg_start <= e0, so when a channel has exactly
         # e0 of them its first e0 taps are its positive taps: no rank table needed. On a
         # non-negative input psum(e0) >= b then, so only channels with b <= 0 can stop at e0.
         rows = np.flatnonzero(L.b <= 0) if L.x_range()[0] >= 0 else np.arange(cout)
         at_e0 = np.zeros((cout, npos), bool)
         if len(rows):
-            ps0 = _exact_products(np.maximum(w32[rows], np.float32(0)), taps, taps.xmax, plan)
+            wpos = w32[rows] if len(rows) < cout else w32.copy()
+            ps0 = _exact_products(np.maximum(wpos, np.float32(0), out=wpos), taps, taps.xmax,
+                                  plan)
             ps0 += b[rows]
             at_e0[rows] = ps0 <= 0
     else:
@@ -371,7 +373,7 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
     npos = cols.shape[1]
     flat = cols.ravel()
     kmax = int(t - e0[c_idx].min())                       # longest tail of a pair
-    wmax = int(np.abs(w2).max()) if w2.size else 0
+    wmax = 1 << (taps._layer.weight_bits - 1)            # |w| bound (validated range)
     xmax = max(abs(int(lo_x)), abs(int(hi_x)), 1)
     # A round's running sums are at most width * |w| * x: int32 when that bound allows.
     acc_type = np.int32 if _MAX_WIDTH * wmax * xmax < _I32 else np.int64
@@ -604,22 +606,28 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
         search.resolve(e_stop, needed)
 
     # Performed MACs: e_stop (or T) where computed, 0 where CONST, COPY or predicted.
+    # (Masks multiply: faster than masked copies on these int64 arrays.)
     macs = e_stop.reshape(shape) if ets else np.full(shape, t, np.int64)
-    outcome = np.zeros(shape, np.int8)                        # COMPUTED
-    if ets:
-        np.copyto(outcome, STOPPED, where=macs < t)
+    outcome = np.broadcast_to(kind, shape).copy()      # COMPUTED (0), CONST (1), COPY (2)
+    stopped = macs < t if ets else None
     if has_const or has_copy:
-        skipped = np.broadcast_to(kind != COMPUTE, shape)
-        np.copyto(macs, 0, where=skipped)
-        np.copyto(outcome, kind, where=skipped)
+        compute = kind == COMPUTE
+        macs *= compute
+        if ets:
+            stopped &= compute
     if predicted is not None:
-        np.copyto(macs, 0, where=predicted)
+        not_predicted = ~predicted
+        macs *= not_predicted
+        if ets:
+            stopped &= not_predicted
         np.copyto(outcome, PREDICTED, where=predicted)
+    if ets:
+        np.copyto(outcome, STOPPED, where=stopped)
 
     counts = [0] * len(OUTCOMES)
     counts[CONST], counts[COPY] = int(plan_counts[CONST]) * n, int(plan_counts[COPY]) * n
     counts[PREDICTED] = int(np.count_nonzero(predicted)) if predicted is not None else 0
-    counts[STOPPED] = int(np.count_nonzero(outcome == STOPPED)) if ets else 0
+    counts[STOPPED] = int(np.count_nonzero(stopped)) if ets else 0
     counts[COMPUTED] = outcome.size - sum(counts)
     n_const, n_copy, n_pred = int(counts[CONST]), int(counts[COPY]), int(counts[PREDICTED])
     performed = int(macs.sum())
