@@ -406,14 +406,25 @@ def _validate(layer: Layer, g, x):
         # Values are in 0..t-1 and a row has t of them: a permutation iff every tap is hit.
         # One scatter marks each tap 1 (before neg_start) or 2 (at or after it): the
         # neg_start check below then needs no gather of the weights in tap order.
+        # In blocks of rows: the flat indices of a block stay in cache for the scatter.
+        # Each block's rows are final after its scatter (values in range: no row writes
+        # into another), so they are checked while still in cache too.
         hit = np.zeros(cout * t, np.int8)
-        if neg is None:
-            hit[(np.arange(cout) * t)[:, None] + order] = 1
-        else:
-            hit[(np.arange(cout) * t)[:, None] + order] = (
-                np.arange(t, dtype=np.int32)[None, :] >= neg[:, None]).view(np.int8) + 1
+        ranks = np.arange(t, dtype=np.int32)[None, :]
+        wflat = w.reshape(cout, t)
+        step = max(1, (1 << 18) // t)
+        complete = np.empty(cout, bool)
+        positive_after = False              # a positive weight at or after neg_start
+        for r0 in range(0, cout, step):
+            r1 = min(cout, r0 + step)
+            flat = order[r0:r1] + (np.arange(r0, r1) * t)[:, None]
+            hit[flat] = 1 if neg is None else (ranks >= neg[r0:r1, None]).view(np.int8) + 1
+            block = hit[r0 * t:r1 * t].reshape(r1 - r0, t)
+            complete[r0:r1] = block.all(axis=1)
+            if neg is not None and not positive_after:
+                positive_after = bool(((block == 2) & (wflat[r0:r1] > 0)).any())
         hit = hit.reshape(cout, t)
-        bad = np.nonzero(~hit.all(axis=1))[0]
+        bad = np.nonzero(~complete)[0]
         if bad.size:
             c = int(bad[0])
             dup = np.nonzero(np.bincount(order[c], minlength=t) != 1)[0][0]
@@ -428,11 +439,9 @@ def _validate(layer: Layer, g, x):
         neg = _int_array("neg_start", layer.neg_start, (cout,), 0, t)
     if neg is not None:
         wflat = w.reshape(cout, t)
-        if hit is not None:
-            after_tap = hit == 2                     # taps at or after neg_start, by tap index
-        else:                                        # identity order
-            after_tap = np.arange(t)[None, :] >= neg[:, None]
-        if (after_tap & (wflat > 0)).any():
+        if hit is None:                              # identity order
+            positive_after = bool(((np.arange(t)[None, :] >= neg[:, None]) & (wflat > 0)).any())
+        if positive_after:
             ordered_w = take_rows(wflat, order)      # only to name the offending tap
             after = np.arange(t)[None, :] >= neg[:, None]
             pos_after = after & (ordered_w > 0)
