@@ -161,7 +161,9 @@ def _product_plan(w: np.ndarray, xmax: int):
 def _product_bound(w: np.ndarray, xmax: int) -> float:
     """Largest ``sum(|w[c]|) * xmax``: no partial sum of a row's products exceeds it."""
     a = np.abs(w.astype(np.float32, copy=False)) if w.dtype.itemsize > 4 else np.abs(w)
-    return float(a.sum(axis=1, dtype=np.float64).max()) * max(xmax, 1)
+    # float32 sums of integers are exact while every partial sum stays below 2**24.
+    exact32 = a.size and float(a.max()) * a.shape[1] < _F32_EXACT
+    return float(a.sum(axis=1, dtype=None if exact32 else np.float64).max()) * max(xmax, 1)
 
 
 def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int, plan=None) -> np.ndarray:
