@@ -1,12 +1,14 @@
 """The NumPy golden model of one engine layer: the single source of truth (docs/semantics.md).
 
 ``run(layer, x, g)`` returns every output, the performed MACs of every position, its outcome
-and the per-layer accounting. It is vectorized over output positions: the loops are over
-channels (early-termination refinement) and never over positions.
+and the per-layer accounting. It is vectorized over output positions: the only loops are
+those of the early-termination stop-point search (rounds, the taps of a round, chunks of
+(channel, position) pairs), never over positions.
 
 Exactness: every sum is formed by a float matrix product only where the bound on its
 magnitude keeps float arithmetic exact (float32 below 2**24, float64 below 2**53); beyond that
-it falls back to int64 products.
+it falls back to int64 products. The stop-point search sums integers (int32 where its bound
+allows, else int64).
 """
 
 from __future__ import annotations
@@ -16,8 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .layer import (COMPUTE, CONST, COPY, INT32_MAX, Layer, LayerError, atomic_write_bytes,
-                    take_rows)
+from .layer import COMPUTE, CONST, COPY, INT32_MAX, Layer, LayerError, atomic_write_bytes
 
 __all__ = ["OUTCOMES", "COMPUTED", "PREDICTED", "STOPPED", "Result", "run", "im2col", "requantize"]
 
@@ -28,10 +29,8 @@ COMPUTED, PREDICTED, STOPPED = 0, 3, 4   # CONST (1) and COPY (2) share the plan
 _COUNTERS = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
 _F32_EXACT = 1 << 24
 _F64_EXACT = 1 << 53
-_REFINE_BLOCK = 1 << 20   # elements per chunk of the early-termination search
+_SEARCH_BLOCK = 1 << 21   # pairs x taps per chunk of the early-termination search
 _I32 = 1 << 31
-_MAX_BLOCKS = 32          # most block boundaries in the early-termination search
-_SEARCH_OPS = 8           # element operations per pair and tap in a block (cost model)
 _BATCH_ELEMENTS = 1 << 24  # tap-matrix elements per batch chunk (~128 MB float64)
 
 
@@ -161,7 +160,10 @@ def _product_plan(w: np.ndarray, xmax: int):
 
 def _product_bound(w: np.ndarray, xmax: int) -> float:
     """Largest ``sum(|w[c]|) * xmax``: no partial sum of a row's products exceeds it."""
-    return float(np.abs(w).sum(axis=1, dtype=np.float64).max()) * max(xmax, 1)
+    a = np.abs(w.astype(np.float32, copy=False)) if w.dtype.itemsize > 4 else np.abs(w)
+    # float32 sums of integers are exact while every partial sum stays below 2**24.
+    exact32 = a.size and float(a.max()) * a.shape[1] < _F32_EXACT
+    return float(a.sum(axis=1, dtype=None if exact32 else np.float64).max()) * max(xmax, 1)
 
 
 def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int, plan=None) -> np.ndarray:
@@ -237,45 +239,75 @@ def requantize(acc: np.ndarray, M: np.ndarray, sh: np.ndarray, out_bits: int, *,
 def _stop_points(L: Layer, acc, taps: _Taps, w2, w32, g: int, plan):
     """Per position: the check point where early termination stops (or ``T``) and whether it did.
 
-    Returns ``(e, fired)``, both (Cout, P). ``fired`` is true when a rule fired at any check
-    point, including the final one (the output is then 0).
+    Returns ``(e, fired, search)``; ``e`` and ``fired`` are (Cout, P). ``fired`` is true when a
+    rule fired at any check point, including the final one (the output is then 0).
+    ``search`` is None or a :class:`_Search`: the (channel, position) pairs whose psum crosses
+    zero after the first rule-2 check point. They all output 0 (``fired``), so only their
+    stop points are missing, and the caller resolves them for the positions that are really
+    computed (:meth:`_Search.resolve`); until then their ``e`` is ``T``.
     """
     cout, t = w2.shape
     npos = acc.shape[1]
     e_stop = np.full((cout, npos), t, np.int64)
     fired = np.zeros((cout, npos), bool)
     if L.et == "off":
-        return e_stop, fired
+        return e_stop, fired, None
 
     b = L.b[:, None]
-    rank = _ranks(L.order)
+    ranks = []
+
+    def rank():
+        if not ranks:
+            ranks.append(_ranks(L.order))
+        return ranks[0]
 
     def psum_at(e):          # psum after the first e[c] taps of order[c], all positions
-        return b + _exact_products(np.where(rank < e[:, None], w32, 0), taps, taps.xmax, plan)
+        masked = w32 * (rank() < e[:, None])          # float32 (np.where is much slower)
+        return b + _exact_products(masked, taps, taps.xmax, plan)
 
     # Rule 2: from the first check point at or after neg_start, psum can only fall (weights
     # <= 0 on a non-negative input; a signed input has neg_start = T, the final check only).
     e0 = np.minimum(-(-L.neg_start // g) * g, t)
-    ps0 = psum_at(e0)
-    at_e0 = ps0 <= 0
-    e_stop[at_e0] = np.broadcast_to(e0[:, None], e_stop.shape)[at_e0]
+    if np.array_equal(np.count_nonzero(w32 > 0, axis=1), e0):
+        # Every positive weight comes before neg_start <= e0, so when a channel has exactly
+        # e0 of them its first e0 taps are its positive taps: no rank table needed. On a
+        # non-negative input psum(e0) >= b then, so only channels with b <= 0 can stop at e0.
+        rows = np.flatnonzero(L.b <= 0) if L.x_range()[0] >= 0 else np.arange(cout)
+        at_e0 = np.zeros((cout, npos), bool)
+        if len(rows):
+            wpos = w32[rows] if len(rows) < cout else w32.copy()
+            ps0 = _exact_products(np.maximum(wpos, np.float32(0), out=wpos), taps, taps.xmax,
+                                  plan)
+            ps0 += b[rows]
+            at_e0[rows] = ps0 <= 0
+    else:
+        at_e0 = psum_at(e0) <= 0
+    np.copyto(e_stop, e0[:, None], where=at_e0)
     fired |= at_e0
     crossing = ~at_e0 & (acc <= 0)        # stops at some check point in (e0, T]
+    fired |= crossing
+    search = None
     if crossing.any():
-        c_idx, p_idx = np.nonzero(crossing)
-        e_stop[c_idx, p_idx] = _first_stop(L.order, w2, w32, rank, e0, ps0, crossing, c_idx,
-                                           p_idx, taps, g, plan)
-        fired |= crossing
+        search = _Search(L, acc, taps, w2, e0, crossing, g)
 
     if L.et == "predictive":
         # Rule 1 at e == spec: psum <= th stops; it is checked before rule 2 at that point.
+        # It needs the crossing pairs' rule-2 stop points: applied after the search.
         ps1 = psum_at(L.spec)
         rule1 = ps1 <= L.th[:, None]
-        spec = np.broadcast_to(L.spec[:, None], e_stop.shape)
-        take = rule1 & (~fired | (spec <= e_stop))
-        e_stop[take] = spec[take]
+        if search is None:
+            _apply_rule1(L, e_stop, fired, rule1)
+        else:
+            search.rule1 = rule1
         fired |= rule1
-    return e_stop, fired
+    return e_stop, fired, search
+
+
+def _apply_rule1(L: Layer, e_stop, rule2_fired, rule1):
+    """Predictive rule 1 at ``e == spec`` over the rule-2 stop points ``e_stop`` (in place)."""
+    spec = np.broadcast_to(L.spec[:, None], e_stop.shape)
+    take = rule1 & (~rule2_fired | (spec <= e_stop))
+    e_stop[take] = spec[take]
 
 
 def _ranks(order: np.ndarray) -> np.ndarray:
@@ -286,88 +318,189 @@ def _ranks(order: np.ndarray) -> np.ndarray:
     return rank.reshape(cout, t)
 
 
-def _first_stop(order, w2, w32, rank, e0, ps0, crossing, c_idx, p_idx, taps: _Taps, g, plan):
+class _Search:
+    """The exact rule-2 stop points of the pairs whose psum crosses zero after ``e0``."""
+
+    def __init__(self, L, acc, taps, w2, e0, crossing, g):
+        self.L, self.taps, self.w2, self.e0, self.g = L, taps, w2, e0, g
+        self.crossing, self.rule1 = crossing, None
+        # The pairs (channel-major) and their accumulators: the caller may reuse acc.
+        self.flat = np.flatnonzero(crossing)
+        self.acc = acc.ravel()[self.flat]
+
+    def resolve(self, e_stop, needed=None):
+        """Write the stop points of the crossing pairs where ``needed`` (default: all) into
+        ``e_stop``; then apply predictive rule 1 if the layer has it."""
+        L = self.L
+        flat, acc = self.flat, self.acc
+        if needed is not None:
+            keep = needed.ravel()[flat]
+            flat, acc = flat[keep], acc[keep]
+        if len(flat):
+            c_idx, p_idx = np.divmod(flat, e_stop.shape[1])   # channel-major, p ascending
+            e_stop.ravel()[flat] = _first_stop(L.order, self.w2, self.e0, c_idx, p_idx, -acc,
+                                               self.taps, self.g)
+        if self.rule1 is not None:
+            rule2_fired = self.crossing | (e_stop < L.taps)
+            _apply_rule1(L, e_stop, rule2_fired, self.rule1)
+
+
+_FIRST_WIDTH = 16     # tail taps of the first round of the backward search
+_MAX_WIDTH = 512      # most tail taps per round
+_GROWTH = 2           # a round after k0 taps is k0 / _GROWTH wide (at least the first's width)
+_ROWS_SHARE = 8       # input rows copied while more than 1/_ROWS_SHARE of the pairs are open
+
+
+def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
     """First check point after ``e0`` with psum <= 0, for each crossing (channel, position).
 
-    The psum only falls after ``e0``, so the search is in two levels: psums at a few block
-    boundaries by masked matrix products (cheap in BLAS), then a running sum inside the one
-    block where each pair crosses, vectorized over all pairs.
+    After ``e0`` every term is <= 0 (non-positive weights, non-negative input), so psum falls
+    monotonically from ``psum(e0) > 0`` to ``acc = psum(T) <= 0``. Scanning backward from the
+    end: ``psum(T - k) = acc + s_k``, where ``s_k >= 0`` is minus the sum of the last ``k``
+    terms; with ``k*`` the fewest last taps with ``s_k > -acc`` (``target``), psum is > 0 up
+    to ``T - k*`` and <= 0 after, so the stop is the first check point ``>= T - k* + 1``.
+    Most pairs stop near the end, so the scan runs in rounds of growing width over the pairs
+    not yet resolved: each round gathers the round's taps of every open pair (channel-major
+    pairs and a tap-major input matrix: neighbouring pairs read neighbouring memory), forms
+    the running sum row by row, and finds ``k*`` by a binary search in the monotone sums.
+    Terms of ranks before ``e0`` are zeroed: the crossing comes before them (``s`` at
+    ``k = T - e0`` is ``psum(e0) - acc > -acc``), and the sums stay monotone.
     """
     cout, t = w2.shape
-    neg_len = t - e0
-    cols_any = crossing.any(axis=0)
-    # Balance the two levels: each block boundary costs a masked (Cout x T) weight matrix and
-    # a product over the crossing columns; the search inside a block costs ~_SEARCH_OPS
-    # element operations per pair and tap of the block.
-    boundary_cost = cout * t * (int(cols_any.sum()) / 16 + 3)
-    search_cost = len(c_idx) * int(neg_len.max()) * _SEARCH_OPS
-    n_blocks = int(np.clip(round(np.sqrt(search_cost / boundary_cost)), 1, _MAX_BLOCKS))
-    bounds = [e0]
-    for j in range(1, n_blocks):
-        step = -(-(j * neg_len) // (n_blocks * g)) * g          # multiples of g: check points
-        bounds.append(np.minimum(e0 + step, t))
-    bounds.append(np.full(cout, t))
-    reduced = {}
-
-    def reduced_taps(dtype):                    # the tap matrix on the crossing columns only
-        key = str(dtype)
-        if key not in reduced:
-            reduced[key] = np.ascontiguousarray(taps(dtype)[:, cols_any])
-        return reduced[key]
-    lo_rank = e0[c_idx].copy()                  # block start (a check point) of each pair
-    lo_psum = ps0[c_idx, p_idx].copy()
-    hi_rank = np.full(len(c_idx), t)
-    open_ = np.ones(len(c_idx), bool)           # crossing not yet located
-    col_pos = np.cumsum(cols_any) - 1           # position -> column in the reduced matrix
-    n_cols = int(cols_any.sum())
-    pair_flat = c_idx * n_cols + col_pos[p_idx]
-    ps0_pairs = ps0[c_idx, p_idx]
-    for j in range(1, n_blocks):
-        inside = (rank >= e0[:, None]) & (rank < bounds[j][:, None])
-        part = _exact_products(np.where(inside, w32, 0), reduced_taps, taps.xmax, plan)
-        ps_j = ps0_pairs + np.take(part, pair_flat)
-        b_j = bounds[j][c_idx]
-        crossed = open_ & (ps_j <= 0)
-        hi_rank[crossed] = b_j[crossed]
-        still = open_ & ~crossed
-        lo_rank[still], lo_psum[still] = b_j[still], ps_j[still]
-        open_ = still
-
-    # Inside the block: running sum over the taps of ranks lo.., pair by pair, vectorized.
-    # Each pair's crossing is at a check point in (lo, hi], and psum(hi) <= 0, so the window
-    # needs no mask: terms past hi (or past T, where the padded tables hold weight 0) come
-    # after the crossing and cannot move it.
-    width = int((hi_rank - lo_rank).max())
-    cols32 = reduced_taps(np.float32)
-    small = cols32.size < _I32 and cout * (t + width) < _I32
-    itype = np.int32 if small else np.int64
-    # Position-major taps (one position's taps contiguous): a pair's gathers stay in one row.
-    cols = np.ascontiguousarray(cols32.T).astype(itype).ravel()   # integers: exact
-    ordered_w = np.zeros((cout, t + width), itype)          # weight of the r-th tap, padded
-    ordered_w[:, :t] = take_rows(w2, order)
-    ordered_tap = np.zeros((cout, t + width), itype)         # its tap index
-    ordered_tap[:, :t] = order
-    ordered_w, ordered_tap = ordered_w.ravel(), ordered_tap.ravel()
-    # Every term and every running sum of a window is within the layer's product bound (the
-    # crossing also bounds psum(lo)): int32 holds them exactly when the bound allows.
-    acc_type = np.int32 if small and _product_bound(w32, taps.xmax) < _I32 else np.int64
-    steps = np.arange(width, dtype=itype)
+    lo_x, hi_x = taps._layer.x_range()
+    xtype = np.uint8 if hi_x < 256 else np.uint16 if hi_x < 65536 else np.int64
+    if lo_x < 0:                 # a signed input has no crossing pairs (neg_start = T)
+        xtype = np.int64
+    cols = taps(xtype)                                    # (T, P) tap-major
+    npos = cols.shape[1]
+    flat = cols.ravel()
+    kmax = int(t - e0[c_idx].min())                       # longest tail of a pair
+    wmax = 1 << (taps._layer.weight_bits - 1)            # |w| bound (validated range)
+    xmax = max(abs(int(lo_x)), abs(int(hi_x)), 1)
+    # A round's running sums are at most width * |w| * x: int32 when that bound allows.
+    acc_type = np.int32 if _MAX_WIDTH * wmax * xmax < _I32 else np.int64
+    lim_max = np.iinfo(acc_type).max
     result = np.empty(len(c_idx), np.int64)
-    chunk = max(1, _REFINE_BLOCK // max(width, 1))
-    for s in range(0, len(c_idx), chunk):
-        sl = slice(s, s + chunk)
-        c, lo = c_idx[sl], lo_rank[sl]
-        flat = (c * (t + width) + lo).astype(itype)[:, None] + steps   # (n, width)
-        terms = np.take(ordered_w, flat).astype(acc_type, copy=False)
-        terms *= np.take(cols, np.take(ordered_tap, flat)
-                         + (col_pos[p_idx[sl]] * t).astype(itype)[:, None])
-        run = np.cumsum(terms, axis=1, dtype=acc_type)
-        below = run <= (-lo_psum[sl]).astype(acc_type)[:, None]          # psum <= 0
-        if g > 1:
-            e = lo[:, None] + steps + 1                                     # taps done
-            below &= (e % g == 0) | (e == t)
-        result[sl] = lo + np.argmax(below, axis=1) + 1
+    # The open pairs, one column each: original index, channel, position, what the sum of
+    # the taps still to scan must exceed (one array: compacted in one step per round).
+    state = np.stack([np.arange(len(c_idx)), c_idx, p_idx, np.asarray(target, np.int64)])
+    k0, width = 0, _FIRST_WIDTH
+    w2_flat = np.ascontiguousarray(w2).ravel()
+    row_start = np.arange(cout) * t
+    e0_max = int(e0.max())
+    while state.shape[1]:
+        if k0 >= kmax:
+            raise AssertionError("early-termination search ran past e0: a bug in the golden "
+                                 "model")
+        w = min(width, kmax - k0)
+        # Tables for the channels with open pairs only (late rounds have few).
+        ch = state[1]                                     # sorted (channel-major pairs)
+        first = np.flatnonzero(np.concatenate(([True], ch[1:] != ch[:-1])))
+        chans = ch[first]
+        counts = np.diff(np.append(first, len(ch)))     # open pairs per open channel
+        local = ch if len(chans) == cout else np.repeat(np.arange(len(chans)), counts)
+        tap, wt_t = _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type,
+                                  chans if len(chans) < cout else None)
+        n_open, nch = state.shape[1], len(chans)
+        rows = None
+        if n_open * _ROWS_SHARE > nch * npos and w * nch * npos <= 8 * _SEARCH_BLOCK:
+            # Many open pairs: copy the round's input rows of every open channel
+            # (contiguous rows, cheap) and pick the pairs' columns, one index per pair.
+            rows = cols[tap.ravel()].reshape(w, nch * npos)
+        else:
+            tap *= npos                                              # flat row offsets
+        still = np.ones(n_open, bool)
+        last = np.empty(n_open, acc_type)
+        lim = np.minimum(state[3], lim_max).astype(acc_type)
+        step = max(1, _SEARCH_BLOCK // w)
+        for s in range(0, n_open, step):                             # bounded temporaries
+            sl = slice(s, s + step)
+            f, j, last[sl] = _round(flat, rows, tap, wt_t, local[sl], state[2, sl], lim[sl],
+                                    nch, npos, counts if step >= n_open else None)
+            if len(j):
+                f += s
+                e = (t - k0) - j                                      # T - k* + 1
+                if g > 1:
+                    e = np.minimum(-(-e // g) * g, t)
+                result[np.take(state[0], f)] = e
+                still[f] = False
+        keep = np.flatnonzero(still)
+        state = np.take(state, keep, axis=1)
+        state[3] -= np.take(last, keep)
+        k0 += w
+        # Powers of two (a cheaper search for the row), growing with k0.
+        width = min(1 << (max(width, k0 // _GROWTH).bit_length() - 1), _MAX_WIDTH)
     return result
+
+
+def _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type, chans=None):
+    """The taps of a round, last first (ranks ``t-1-k0`` down to ``t-k0-w``), and their
+    negated weights (zero before ``e0``): tables ``(w, channels)``, for the channels
+    ``chans`` (default all)."""
+    t = order.shape[1]
+    sub = order[:, t - k0 - w:t - k0]
+    if chans is not None:
+        sub, row_start, e0 = sub[chans], row_start[chans], e0[chans]
+    # Gathered row by row (each channel's weights stay in one row: cache friendly), then
+    # reversed and transposed as small tables.
+    wsub = np.take(w2_flat, sub + row_start[:, None])
+    tap = sub[:, ::-1].T.copy()     # a copy even where the view is contiguous: edited later
+    wt_t = np.negative(wsub[:, ::-1].T, dtype=acc_type, order="C")  # >= 0 from e0 on
+    if t - k0 - w < e0_max:
+        wt_t[(t - 1 - k0 - np.arange(w))[:, None] < e0[None, :]] = 0
+    return tap, wt_t
+
+
+def _round(flat, rows, tap_t, wt_t, ca, pa, lim, cout, npos, counts=None):
+    """One round of :func:`_first_stop` on some open pairs (sorted by table column ``ca``).
+
+    The input values come from ``rows`` (the round's input rows per channel, ``(w, Cout*P)``)
+    when given, else from ``flat`` (the tap matrix) at ``tap_t`` (flat row offsets) + position.
+    Returns ``(found, j, last)``: the pairs whose running sum exceeds ``lim`` in this round
+    (indices), the first row where it does (for those pairs), and every pair's sum over the
+    whole round.
+    """
+    w = wt_t.shape[0]
+    if counts is None:
+        counts = np.bincount(ca, minlength=cout)                     # pairs per channel
+    terms = np.repeat(wt_t, counts, axis=1)                          # (w, n)
+    if rows is not None:
+        terms *= np.take(rows, ca * npos + pa, axis=1)
+    else:
+        idx = np.repeat(tap_t, counts, axis=1)                       # flat indices
+        idx += pa
+        terms *= np.take(flat, idx)
+        del idx
+    if terms.shape[1] < 128:                                         # running sums s
+        np.cumsum(terms, axis=0, out=terms)
+    else:                                     # row by row: much faster on long rows
+        for k in range(1, w):
+            np.add(terms[k], terms[k - 1], out=terms[k])
+    last = terms[-1].copy()
+    fidx = np.flatnonzero(last > lim)
+    # First row whose s exceeds lim, i.e. the number j of rows with s <= lim (s is monotone
+    # down the rows): a binary search by bits, from the highest.
+    flim = lim[fidx]
+    tflat = terms.ravel()
+    n = terms.shape[1]
+    bit = 1 << (w - 1).bit_length() - 1 if w > 1 else 0
+    if w & (w - 1) == 0:
+        # w a power of two: j never passes w - 1, so the flat index of row j - 1 of each
+        # pair is kept and moved by whole rows (fewest operations per level).
+        idx = fidx - n
+        while bit and len(fidx):
+            ok = np.take(tflat, idx + bit * n) <= flim
+            idx += ok * (bit * n)
+            bit >>= 1
+        return fidx, (idx - fidx) // n + 1, last
+    j = np.zeros(len(fidx), np.intp)
+    while bit and len(fidx):
+        cand = j + bit                                   # test row cand - 1 (if cand < w)
+        ok = np.take(tflat, (np.minimum(cand, w - 1) - 1) * n + fidx) <= flim
+        ok &= cand < w
+        j += ok * bit
+        bit >>= 1
+    return fidx, j, last
 
 
 # -- the layer -------------------------------------------------------------------------------
@@ -436,7 +569,7 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
     acc += L.b[:, None]
     ets = L.et != "off"
     if ets:
-        e_stop, fired = _stop_points(L, acc, taps, w2, w32, g, plan)
+        e_stop, fired, search = _stop_points(L, acc, taps, w2, w32, g, plan)
 
     if L.raw:
         value = np.clip(acc, 0, INT32_MAX, out=acc)
@@ -444,38 +577,60 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
         value = requantize(acc, L.M, L.sh, L.out_bits, overwrite=True)
     shape = (cout, n, ho, wo)
     if ets:
-        value[fired] = 0
+        np.copyto(value, 0, where=fired)      # masked copies: faster than value[fired] = 0
     out = value.reshape(shape)
 
-    kind = L.kind[:, None]                                   # the plan is the same per image
-    has_const, has_copy = bool((L.kind == CONST).any()), bool((L.kind == COPY).any())
+    kind = L.kind.astype(np.int8)[:, None]     # the plan is the same per image; int8: fast
+    plan_counts = [0, int(np.count_nonzero(kind == CONST)), int(np.count_nonzero(kind == COPY))]
+    has_const, has_copy = bool(plan_counts[CONST]), bool(plan_counts[COPY])
     if has_const:
-        out = np.where(kind == CONST, L.const[:, None], out)
+        np.copyto(out, L.const[:, None], where=kind == CONST)     # in place (np.where is slow)
 
     predicted = None
     if L.p:
         predicted = _predicted_followers(out, kind, L.leader[:, None], L.p)
-        out[predicted] = 0
+        np.copyto(out, 0, where=predicted)
 
     if has_copy:
         copy = np.broadcast_to(kind == COPY, shape)
         ny, nx = L.nn[..., 0], L.nn[..., 1]
-        out = np.where(copy, out[..., ny, nx], out)
+        np.copyto(out, out[..., ny, nx], where=copy)
+
+    if ets and search is not None:
+        # The crossing pairs' stop points, only where MACs are performed: a CONST, COPY or
+        # predicted position reports 0 MACs whatever its stop point (and outputs 0 anyway).
+        needed = None
+        if has_const or has_copy or predicted is not None:
+            needed = np.broadcast_to(kind == COMPUTE, shape)
+            if predicted is not None:
+                needed = needed & ~predicted
+            needed = needed.reshape(cout, n * ho * wo)
+        search.resolve(e_stop, needed)
 
     # Performed MACs: e_stop (or T) where computed, 0 where CONST, COPY or predicted.
+    # (Masks multiply: faster than masked copies on these int64 arrays.)
     macs = e_stop.reshape(shape) if ets else np.full(shape, t, np.int64)
-    outcome = np.zeros(shape, np.int8)                        # COMPUTED
-    if ets:
-        outcome[macs < t] = STOPPED
+    outcome = np.broadcast_to(kind, shape).copy()      # COMPUTED (0), CONST (1), COPY (2)
+    stopped = macs < t if ets else None
     if has_const or has_copy:
-        skipped = np.broadcast_to(kind != COMPUTE, shape)
-        macs = np.where(skipped, 0, macs)
-        outcome = np.where(skipped, np.broadcast_to(kind, shape).astype(np.int8), outcome)
+        compute = kind == COMPUTE
+        macs *= compute
+        if ets:
+            stopped &= compute
     if predicted is not None:
-        macs[predicted] = 0
-        outcome[predicted] = PREDICTED
+        not_predicted = ~predicted
+        macs *= not_predicted
+        if ets:
+            stopped &= not_predicted
+        np.copyto(outcome, PREDICTED, where=predicted)
+    if ets:
+        np.copyto(outcome, STOPPED, where=stopped)
 
-    counts = [int(np.count_nonzero(outcome == code)) for code in range(len(OUTCOMES))]
+    counts = [0] * len(OUTCOMES)
+    counts[CONST], counts[COPY] = int(plan_counts[CONST]) * n, int(plan_counts[COPY]) * n
+    counts[PREDICTED] = int(np.count_nonzero(predicted)) if predicted is not None else 0
+    counts[STOPPED] = int(np.count_nonzero(stopped)) if ets else 0
+    counts[COMPUTED] = outcome.size - sum(counts)
     n_const, n_copy, n_pred = int(counts[CONST]), int(counts[COPY]), int(counts[PREDICTED])
     performed = int(macs.sum())
     result = Result(
@@ -503,7 +658,15 @@ def _predicted_followers(out, kind, leader, p):
     *lead, ho, wo = out.shape
     hp, wp = -(-ho // p) * p, -(-wo // p) * p
     nonzero_leader = np.zeros((*lead, hp, wp), bool)          # outside the ofmap: zero
-    nonzero_leader[..., :ho, :wo] = leader & (out != 0)
-    live = nonzero_leader.reshape(*lead, hp // p, p, wp // p, p).any(axis=(-3, -1))
-    window_predicted = np.repeat(np.repeat(~live, p, axis=-2), p, axis=-1)[..., :ho, :wo]
-    return window_predicted & ~leader & (kind == COMPUTE)
+    np.logical_and(leader, out != 0, out=nonzero_leader[..., :ho, :wo])
+    # A window is live when any of its p*p cells is: p*p strided ORs (faster than .any over
+    # two strided axes).
+    live = nonzero_leader[..., 0::p, 0::p].copy()
+    for dy in range(p):
+        for dx in range(p):
+            if dy or dx:
+                live |= nonzero_leader[..., dy::p, dx::p]
+    window_predicted = np.empty((*lead, hp // p, p, wp // p, p), bool)
+    window_predicted[...] = ~live[..., :, None, :, None]
+    window_predicted = window_predicted.reshape(*lead, hp, wp)[..., :ho, :wo]
+    return window_predicted & (~leader & (kind == COMPUTE))

@@ -271,6 +271,11 @@ def _int_array(name, a, shape, lo=None, hi=None):
     if a.shape != tuple(shape):
         raise _err(f"{name}.shape", a.shape, f"must be {tuple(shape)}")
     a = np.asarray(a, np.int64)      # no copy when it is int64 already (read-only use)
+    if a.size > 4096 and lo == 0 and hi is not None and a.flags.c_contiguous:
+        # One pass instead of two on large arrays: as unsigned, a <= hi iff 0 <= a <= hi
+        # (negative values are huge).
+        if int(a.view(np.uint64).max()) <= hi:
+            return a
     if a.size and lo is not None and a.min() < lo:
         idx = tuple(int(i) for i in np.unravel_index(np.argmin(a), a.shape))
         raise _err(f"{name}{list(idx)}", int(a.min()), f"below the minimum {lo}")
@@ -389,12 +394,37 @@ def _validate(layer: Layer, g, x):
     if layer.et == "exact" and layer.act_signed:
         raise _err("et", "exact", "exact early termination needs a non-negative input "
                    "(act_signed is true)")
+    neg = neg_error = None
+    hit = None
     if layer.order is not None:
         order = _int_array("order", layer.order, (cout, t), 0, t - 1)
+        if layer.neg_start is not None:
+            try:                            # reported after the order's own checks
+                neg = _int_array("neg_start", layer.neg_start, (cout,), 0, t)
+            except LayerError as exc:
+                neg_error = exc
         # Values are in 0..t-1 and a row has t of them: a permutation iff every tap is hit.
-        hit = np.zeros(cout * t, bool)
-        hit[(np.arange(cout) * t)[:, None] + order] = True
-        bad = np.nonzero(~hit.reshape(cout, t).all(axis=1))[0]
+        # One scatter marks each tap 1 (before neg_start) or 2 (at or after it): the
+        # neg_start check below then needs no gather of the weights in tap order.
+        # In blocks of rows: the flat indices of a block stay in cache for the scatter.
+        # Each block's rows are final after its scatter (values in range: no row writes
+        # into another), so they are checked while still in cache too.
+        hit = np.zeros(cout * t, np.int8)
+        ranks = np.arange(t, dtype=np.int32)[None, :]
+        wflat = w.reshape(cout, t)
+        step = max(1, (1 << 18) // t)
+        complete = np.empty(cout, bool)
+        positive_after = False              # a positive weight at or after neg_start
+        for r0 in range(0, cout, step):
+            r1 = min(cout, r0 + step)
+            flat = order[r0:r1] + (np.arange(r0, r1) * t)[:, None]
+            hit[flat] = 1 if neg is None else (ranks >= neg[r0:r1, None]).view(np.int8) + 1
+            block = hit[r0 * t:r1 * t].reshape(r1 - r0, t)
+            complete[r0:r1] = block.all(axis=1)
+            if neg is not None and not positive_after:
+                positive_after = bool(((block == 2) & (wflat[r0:r1] > 0)).any())
+        hit = hit.reshape(cout, t)
+        bad = np.nonzero(~complete)[0]
         if bad.size:
             c = int(bad[0])
             dup = np.nonzero(np.bincount(order[c], minlength=t) != 1)[0][0]
@@ -403,13 +433,18 @@ def _validate(layer: Layer, g, x):
                        f"must be a permutation of 0..{t - 1}")
     else:
         order = np.broadcast_to(np.arange(t), (cout, t))
-    if layer.neg_start is not None:
+    if neg_error is not None:
+        raise neg_error
+    if layer.neg_start is not None and neg is None:
         neg = _int_array("neg_start", layer.neg_start, (cout,), 0, t)
+    if neg is not None:
         wflat = w.reshape(cout, t)
-        ordered_w = take_rows(wflat, order)
-        after = np.arange(t)[None, :] >= neg[:, None]
-        pos_after = after & (ordered_w > 0)
-        if pos_after.any():
+        if hit is None:                              # identity order
+            positive_after = bool(((np.arange(t)[None, :] >= neg[:, None]) & (wflat > 0)).any())
+        if positive_after:
+            ordered_w = take_rows(wflat, order)      # only to name the offending tap
+            after = np.arange(t)[None, :] >= neg[:, None]
+            pos_after = after & (ordered_w > 0)
             c, j = (int(v) for v in np.argwhere(pos_after)[0])
             raise _err(f"neg_start[{c}]", int(neg[c]),
                        f"tap order[{c}][{j}] = {int(order[c, j])} has positive weight "

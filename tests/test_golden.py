@@ -97,6 +97,63 @@ def test_every_mechanism_equals_literal_reference(seed):
         assert sum(res.positions.values()) == res.out.size
 
 
+def _negatives_before_neg_start(rng, layer):
+    """Move some non-positive taps of each channel before ``neg_start`` (still valid)."""
+    order, neg = layer.order.copy(), layer.neg_start.copy()
+    for c in range(len(order)):
+        tail = order[c, neg[c]:]
+        moved = tail[rng.random(len(tail)) < 0.3]
+        rest = tail[~np.isin(tail, moved)]
+        order[c] = np.concatenate([order[c, :neg[c]], moved, rest])
+        neg[c] += len(moved)
+    return dataclasses.replace(layer, order=order, neg_start=neg)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_early_termination_search_equals_literal_reference(seed, monkeypatch):
+    """The exact stop-point search on long tap orders against the literal model.
+
+    Exercises every path of the backward search: several rounds (first widths 1, 3, 16),
+    pairs in small chunks, both ways of gathering the input (copied rows, flat indices),
+    rounds on a subset of the channels, g = 1..4, predictive mode, negative taps before
+    neg_start (the rank-table path), int64 sums (16-bit weights), 16-bit input taps (10-bit
+    activations), batches, and small weights and inputs, which make exact zeros and ties at
+    check points common.
+    """
+    rng = np.random.default_rng(50 + seed)
+    for i in range(8):
+        monkeypatch.setattr(golden, "_FIRST_WIDTH", int(rng.choice([1, 3, 16])))
+        monkeypatch.setattr(golden, "_SEARCH_BLOCK", int(rng.choice([64, 1 << 21])))
+        monkeypatch.setattr(golden, "_ROWS_SHARE", int(rng.choice([0, 8, 1 << 30])))
+        g = int(rng.choice([1, 2, 3, 4]))
+        small = i % 2 == 0
+        act_bits = 2 if small else (10 if i % 4 == 1 else 8)
+        features = [("early_term",), ("early_term", "zero_pred", "velcro"),
+                    ("early_term", "perforation", "velcro")][i % 3]
+        layer = randlayer.random_layer(
+            rng, cin=int(rng.integers(8, 25)), cout=int(rng.integers(1, 7)), h=6, w=7, k=3,
+            pad=1, features=features, et="predictive" if i % 4 == 3 else "exact", g=g,
+            weight_bits=3 if small else (16 if i % 4 == 3 else 8), act_bits=act_bits)
+        if i % 4 == 1:
+            layer = _negatives_before_neg_start(rng, layer)
+        xs = np.stack([randlayer.random_input(rng, layer.in_shape, act_bits=act_bits)
+                       for _ in range(2)])
+        before = {k: np.array(v, copy=True) for k, v in layer.case_arrays().items()}
+        res = golden.run(layer, xs, g=g)
+        for k, v in layer.case_arrays().items():           # the layer is not modified
+            np.testing.assert_array_equal(v, before[k], err_msg=k)
+        totals = dict.fromkeys(res.accounting(), 0)
+        for n in range(2):
+            out, macs, outcome, counters = reference.run(layer, xs[n], g=g)
+            np.testing.assert_array_equal(res.out[n], out)
+            np.testing.assert_array_equal(res.macs[n], macs)
+            np.testing.assert_array_equal(res.outcome[n], outcome)
+            for name, v in counters.items():
+                totals[name] += v
+        assert res.accounting() == totals
+        assert res.early_term > 0
+
+
 def _tiny(w, b, x_shape, **kw):
     return Layer(in_shape=x_shape, w=np.asarray(w), b=np.asarray(b), **kw)
 
