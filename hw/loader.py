@@ -17,9 +17,9 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
 from .divider import Divider
-from .multiplier import Multiplier
 from .layouts import (kind_layout, layer_layout, param_layout, plan_layout, weight_layout,
                       write_bus)
+from .multiplier import Multiplier
 from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op
 
 PLAN_FEATURES = (FEATURE_BITS["zero_pred"] | FEATURE_BITS["velcro"]
@@ -300,8 +300,9 @@ class Loader(wiring.Component):
                 last = Signal()
                 m.d.comb += last.eq(i == n - 1)
                 ready = Signal()
-                # Stalls: weights wait for the tap table, the T word for the output size,
-                # activations for the unpacker.
+                # Stalls: header words wait for their products (and word 2 for the output
+                # size) plus one cycle for their registered checks (``hold``); weights wait
+                # for the tap table, activations for the unpacker.
                 with m.Switch(op):
                     with m.Case(Op.LOAD_LAYER):
                         base = Signal()               # a header word's inputs are final
