@@ -73,9 +73,8 @@ class Dispatcher(wiring.Component):
         widx = Signal(hp.ofn_bits + 1)
 
         m.d.comb += [
-            u.c.eq(c), u.bias.eq(self.prm_data.bias), u.neg_start.eq(self.prm_data.neg_start),
-            u.spec.eq(self.prm_data.spec), u.th.eq(self.prm_data.th),
-            u.stop0.eq(self.prm_data.stop0), u.wbase.eq(wbase), u.widx.eq(widx),
+            u.c.eq(c), u.bias.eq(self.prm_data.bias), u.stop0.eq(self.prm_data.stop0),
+            u.wbase.eq(wbase), u.widx.eq(widx),
             u.oaddr.eq(rowaddr + x0), u.iy0.eq(row_iy0),
             u.ix0.eq(x0s - L.pad), u.base.eq(row_base + x0s),
             u.hmax.eq(Mux(L.ho - y0 < th, L.ho - y0, th)),

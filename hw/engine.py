@@ -149,9 +149,11 @@ class Engine(wiring.Component):
                 pe.layer.eq(L), pe.unit.eq(disp.unit), pe.grant.eq(disp.grant[i]),
                 disp.req[i].eq(pe.req),
                 pe.wt.eq(loader.wt), pe.ifm.eq(loader.ifm), pe.kind.eq(loader.kind),
+                pe.prm.en.eq(loader.prm.en), pe.prm.addr.eq(loader.prm.addr),
                 pe.fb_valid.eq(writer.fb_valid[i]), pe.fb_slot.eq(writer.fb_slot),
                 pe.fb_nz.eq(writer.fb_nz),
             ]
+            m.d.comb += [pe.prm.data[f].eq(loader.prm.data[f]) for f in PARAM_READERS["pe"]]
             wiring.connect(m, pe=pe.result, writer=writer.results[i])
             idle.append(pe.idle)
 

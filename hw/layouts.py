@@ -31,10 +31,12 @@ def param_layout(hp: HwParams):
     })
 
 
-#: The fields of :func:`param_layout` each reader of the channel parameters uses; the engine
-#: gives every reader its own memory of just these (one read port each).
+#: The fields of :func:`param_layout` each reader of the channel parameters uses; every reader
+#: has its own memory of just these (one read port each). The PEs look their early-termination
+#: parameters up by channel in the ring instead of carrying them with every position.
 PARAM_READERS = {
-    "dispatch": ("bias", "neg_start", "spec", "th", "stop0"),
+    "dispatch": ("bias", "stop0"),
+    "pe": ("neg_start", "spec", "th"),          # a replica in every PE (early termination)
     "writer": ("m", "sh"),
     "responder": ("stop0",),
 }
@@ -80,8 +82,7 @@ def _position_fields(hp: HwParams):
 
 def _channel_fields(hp: HwParams):
     return {
-        "c": hp.c_bits, "bias": signed(32), "neg_start": hp.tap_bits, "spec": hp.tap_bits,
-        "th": signed(32), "wbase": hp.row_bits,
+        "c": hp.c_bits, "bias": signed(32), "wbase": hp.row_bits,
     }
 
 

@@ -20,8 +20,8 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from .layouts import (kind_layout, layer_layout, ready_layout, result_layout, unit_layout,
-                      weight_layout, write_bus)
+from .layouts import (kind_layout, layer_layout, ready_layout, reader_param_layout,
+                      result_layout, unit_layout, weight_layout, write_bus)
 from .params import READY_DEPTH, RESULT_DEPTH, HwParams
 
 __all__ = ["PE", "context_layout"]
@@ -34,8 +34,7 @@ def context_layout(hp: HwParams):
     return data.StructLayout({
         "valid": 1, "issued": 1, "lv": hp.g,          # lanes holding a real tap this round
         "c": hp.c_bits, "oaddr": hp.ofa_bits, "psum": signed(hp.acc_bits), "e": hp.tap_bits,
-        "wrow": hp.row_bits, "neg_start": hp.tap_bits, "spec": hp.tap_bits, "th": signed(32),
-        "leader": 1, "slot": hp.slot_bits,
+        "wrow": hp.row_bits, "leader": 1, "slot": hp.slot_bits,
         "iy0": signed(hp.coord_bits), "ix0": signed(hp.coord_bits), "base": signed(hp.base_bits),
     })
 
@@ -51,8 +50,9 @@ class PE(wiring.Component):
     grant : In(1)
         ``unit`` is this PE's this cycle.
     unit : In(unit_layout)
-    wt, ifm, kind : In(write buses)
-        The loader's writes, shared by all replicas.
+    wt, ifm, kind, prm : In(write buses)
+        The loader's writes, shared by all replicas (``prm``: the channel's early-termination
+        parameters, looked up by channel in the ring).
     result : Out(stream of result_layout)
         Finished positions and window decisions, to the writer.
     fb_valid, fb_slot, fb_nz : In
@@ -71,6 +71,7 @@ class PE(wiring.Component):
             "wt": In(write_bus(hp.row_bits, weight_layout(hp), {"lane": lane_bits})),
             "ifm": In(write_bus(hp.ifa_bits, c.act_bits)),
             "kind": In(write_bus(hp.ofa_bits, kind_layout())),
+            "prm": In(write_bus(hp.c_bits, reader_param_layout(hp, "pe"))),
             "result": Out(stream.Signature(result_layout(hp))),
             "fb_valid": In(1), "fb_slot": In(hp.slot_bits), "fb_nz": In(1),
             "idle": Out(1),
@@ -106,6 +107,14 @@ class PE(wiring.Component):
             k_rd = kmem.read_port()
             m.d.comb += [k_wr.addr.eq(self.kind.addr), k_wr.data.eq(self.kind.data),
                          k_wr.en.eq(self.kind.en)]
+
+        if cfg.has("early_term"):
+            m.submodules.pmem = pmem = Memory(shape=reader_param_layout(hp, "pe"),
+                                              depth=cfg.max_cout, init=[])
+            p_wr = pmem.write_port()
+            p_rd = pmem.read_port()
+            m.d.comb += [p_wr.addr.eq(self.prm.addr), p_wr.data.eq(self.prm.data),
+                         p_wr.en.eq(self.prm.en)]
 
         m.submodules.rq = rq = SyncFIFO(width=ready_layout(hp).size, depth=READY_DEPTH)
         m.submodules.res = res = SyncFIFO(width=result_layout(hp).size, depth=RESULT_DEPTH)
@@ -180,8 +189,7 @@ class PE(wiring.Component):
         with m.If(advance):
             m.d.sync += [
                 b_follow.eq(follow),
-                b_pos.c.eq(cur.c), b_pos.bias.eq(cur.bias), b_pos.neg_start.eq(cur.neg_start),
-                b_pos.spec.eq(cur.spec), b_pos.th.eq(cur.th), b_pos.wbase.eq(cur.wbase),
+                b_pos.c.eq(cur.c), b_pos.bias.eq(cur.bias), b_pos.wbase.eq(cur.wbase),
                 b_pos.oaddr.eq(p_oaddr), b_pos.iy0.eq(p_iy0), b_pos.ix0.eq(p_ix0),
                 b_pos.base.eq(p_base), b_pos.slot.eq(cur_slot),
             ]
@@ -311,8 +319,7 @@ class PE(wiring.Component):
             m.d.sync += [
                 n1.valid.eq(1), n1.issued.eq(1), n1.lv.eq(lv), n1.c.eq(nq.c),
                 n1.oaddr.eq(nq.oaddr), n1.psum.eq(nq.bias), n1.e.eq(e_next),
-                n1.wrow.eq(nq.wbase + 1), n1.neg_start.eq(nq.neg_start), n1.spec.eq(nq.spec),
-                n1.th.eq(nq.th), n1.leader.eq(nq.leader), n1.slot.eq(nq.slot),
+                n1.wrow.eq(nq.wbase + 1), n1.leader.eq(nq.leader), n1.slot.eq(nq.slot),
                 n1.iy0.eq(nq.iy0), n1.ix0.eq(nq.ix0), n1.base.eq(nq.base),
             ]
             m.d.comb += w_rd.addr.eq(nq.wbase)
@@ -361,14 +368,22 @@ class PE(wiring.Component):
         m.d.sync += ctx[5].eq(ctx[4])
 
         # stage 5: multiply (product registered); psum - 1 and psum - th - 1 ahead of the
-        # add, so that stage 6 gets "sum <= 0" and "sum <= th" as the signs of single adds
+        # add, so that stage 6 gets "sum <= 0" and "sum <= th" as the signs of single adds.
+        # The channel's early-termination parameters arrive here from the replica (read with
+        # stage 4's channel), and the tap count is compared with them for stage 6.
         s6_p = [Signal(signed(hp.prod_bits), name=f"s6_p{j}") for j in range(g)]
         for j in range(g):
             m.d.sync += s6_p[j].eq(s5_a[j] * s5_w[j])
         s6_pm1 = Signal(signed(hp.acc_bits + 1))
         s6_pth = Signal(signed(max(hp.acc_bits, 32) + 2))
-        m.d.sync += [ctx[6].eq(ctx[5]), s6_pm1.eq(ctx[5].psum - 1),
-                     s6_pth.eq(ctx[5].psum - ctx[5].th - 1)]
+        s6_neg = Signal()                   # every remaining tap is non-positive
+        s6_spec = Signal()                  # the speculation check point
+        m.d.sync += [ctx[6].eq(ctx[5]), s6_pm1.eq(ctx[5].psum - 1)]
+        if cfg.has("early_term"):
+            et = p_rd.data
+            m.d.comb += p_rd.addr.eq(ctx[4].c)
+            m.d.sync += [s6_pth.eq(ctx[5].psum - et.th - 1), s6_neg.eq(ctx[5].e >= et.neg_start),
+                         s6_spec.eq(ctx[5].e == et.spec)]
 
         # stage 6: accumulate into the context's partial sum; stage 0's decisions
         total = s6_p[0]
@@ -379,8 +394,7 @@ class PE(wiring.Component):
         le_th = (s6_pth + total) < 0                  # new sum <= th
         enext6, lv6 = next_issue(c6.e)
         m.d.sync += [ctx[0].eq(c6), ctx[0].psum.eq(c6.psum + total),
-                     c0_fired.eq((pred & (c6.e == c6.spec) & le_th) |
-                                 (et_on & (c6.e >= c6.neg_start) & le_0)),
+                     c0_fired.eq((pred & s6_spec & le_th) | (et_on & s6_neg & le_0)),
                      c0_end.eq(c6.e >= T), c0_enext.eq(enext6), c0_lv.eq(lv6)]
         assert D == 7, "the stages above are written for a ring of 7 contexts"
 

@@ -66,8 +66,11 @@ def test_pe_stops_where_the_rules_say(g, et):
             ctx.set(dut.ifm, {"en": 1, "addr": i, "data": int(v)})
             await ctx.tick()
         ctx.set(dut.ifm.en, 0)
-        ctx.set(dut.unit, {"c": 0, "bias": int(L.b[0]), "neg_start": int(L.neg_start[0]),
-                           "spec": int(L.spec[0]), "th": int(L.th[0]), "stop0": 0,
+        ctx.set(dut.prm, {"en": 1, "addr": 0, "data": {
+            "neg_start": int(L.neg_start[0]), "spec": int(L.spec[0]), "th": int(L.th[0])}})
+        await ctx.tick()
+        ctx.set(dut.prm.en, 0)
+        ctx.set(dut.unit, {"c": 0, "bias": int(L.b[0]), "stop0": 0,
                            "wbase": 0, "oaddr": 0, "iy0": -pad, "ix0": -pad,
                            "base": -(pad * w + pad), "widx": 0, "hmax": 1, "wmax": n_pos})
         await ctx.tick().until(dut.req)
