@@ -242,15 +242,21 @@ class PE(wiring.Component):
         win_push = Signal()
         ring_push = Signal()
 
-        def start_scan(slot, fol):
+        # A scan starts from one slot: the head's followers (``scan_fol``) or the next
+        # unscanned unit's leaders. One slot select feeds one unit mux, not one per case.
+        scan_go = Signal()
+        scan_fol = Signal()
+        scan_slot = Signal(hp.slot_bits)
+        m.d.comb += scan_slot.eq(Mux(scan_fol, head, head + nscan))
+        with m.If(scan_go):
             for s in range(NS):
-                with m.If(slot == s):
+                with m.If(scan_slot == s):
                     u = slot_unit[s]
                     m.d.sync += [cur.eq(u), p_oaddr.eq(u.oaddr), r_oaddr.eq(u.oaddr),
                                  p_iy0.eq(u.iy0), r_iy0.eq(u.iy0), p_ix0.eq(u.ix0),
                                  p_base.eq(u.base), r_base.eq(u.base)]
-            m.d.sync += [cur_slot.eq(slot), follow.eq(fol), walking.eq(1), scanning.eq(1),
-                         dx.eq(0), dy.eq(0)]
+            m.d.sync += [cur_slot.eq(scan_slot), follow.eq(scan_fol), walking.eq(1),
+                         scanning.eq(1), dx.eq(0), dy.eq(0)]
 
         with m.If(scanning):
             with m.If(~walking & ~b_valid):
@@ -266,13 +272,11 @@ class PE(wiring.Component):
             with m.Elif(~ring_push & res.w_rdy):
                 m.d.comb += [win_push.eq(1)]
                 with m.If(head_nz):
-                    start_scan(head, 1)
+                    m.d.comb += [scan_go.eq(1), scan_fol.eq(1)]
                 with m.Else():
                     m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
         with m.Elif(nscan < count):
-            next_slot = Signal(hp.slot_bits)
-            m.d.comb += next_slot.eq(head + nscan)
-            start_scan(next_slot, 0)
+            m.d.comb += scan_go.eq(1)
 
         # -- the ring --------------------------------------------------------------------------
         cl = context_layout(hp)
