@@ -140,12 +140,18 @@ def _product_plan(w: np.ndarray, xmax: int):
     ``"f64"``, ``"int"`` or the chunk starts. A copy of ``w`` with some weights zeroed has
     smaller sums, so the plan holds for it too.
     """
-    # Chunks from the per-tap maximum over rows (two reductions, no |w| copy): a set of taps
-    # whose maxima sum below 2**24 / xmax keeps every row's partial sums below 2**24.
-    colmax = np.maximum(w.max(axis=0), -w.min(axis=0)).astype(np.float64) * max(xmax, 1)
+    # One |w| array gives both the per-tap maxima (for the chunks: a set of taps whose
+    # maxima sum below 2**24 / xmax keeps every row's partial sums below 2**24) and the row
+    # sums (the exact rows' bound, when it matters).
+    a = np.abs(w if w.dtype.kind == "f" else w.astype(np.float64))   # no integer overflow
+    xmax = max(xmax, 1)
+    amax = a.max(axis=0)
+    colmax = amax.astype(np.float64) * xmax
     if float(colmax.sum()) < _F32_EXACT:
         return "f32"
-    bound = _product_bound(w, xmax)             # the exact rows' bound, when it matters
+    # float32 sums of integers are exact while every partial sum stays below 2**24.
+    exact32 = float(amax.max()) * a.shape[1] < _F32_EXACT
+    bound = float(a.sum(axis=1, dtype=None if exact32 else np.float64).max()) * xmax
     if bound < _F32_EXACT:
         return "f32"
     if bound >= _F64_EXACT:
@@ -156,14 +162,6 @@ def _product_plan(w: np.ndarray, xmax: int):
     before = np.cumsum(colmax) - colmax                 # sum of the maxima before each tap
     chunk = np.floor(before / limit)
     return np.concatenate(([0], np.flatnonzero(np.diff(chunk)) + 1))
-
-
-def _product_bound(w: np.ndarray, xmax: int) -> float:
-    """Largest ``sum(|w[c]|) * xmax``: no partial sum of a row's products exceeds it."""
-    a = np.abs(w.astype(np.float32, copy=False)) if w.dtype.itemsize > 4 else np.abs(w)
-    # float32 sums of integers are exact while every partial sum stays below 2**24.
-    exact32 = a.size and float(a.max()) * a.shape[1] < _F32_EXACT
-    return float(a.sum(axis=1, dtype=None if exact32 else np.float64).max()) * max(xmax, 1)
 
 
 def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int, plan=None) -> np.ndarray:
@@ -268,10 +266,13 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, w32, g: int, plan):
     # Rule 2: from the first check point at or after neg_start, psum can only fall (weights
     # <= 0 on a non-negative input; a signed input has neg_start = T, the final check only).
     e0 = np.minimum(-(-L.neg_start // g) * g, t)
-    if np.array_equal(np.count_nonzero(w32 > 0, axis=1), e0):
-        # Every positive weight comes before neg_start <= e0, so when a channel has exactly
-        # e0 of them its first e0 taps are its positive taps: no rank table needed. On a
-        # non-negative input psum(e0) >= b then, so only channels with b <= 0 can stop at e0.
+    # Every positive weight comes before neg_start <= e0 (validated), so a channel has at
+    # most e0 of them, and the total is sum(e0) only when every channel has exactly e0 (one
+    # count over the whole table: much cheaper than per-row counts).
+    if int(np.count_nonzero(w32 > 0)) == int(e0.sum()):
+        # A channel with exactly e0 positive weights has them as its first e0 taps: no rank
+        # table needed. On a non-negative input psum(e0) >= b then, so only channels with
+        # b <= 0 can stop at e0.
         rows = np.flatnonzero(L.b <= 0) if L.x_range()[0] >= 0 else np.arange(cout)
         at_e0 = np.zeros((cout, npos), bool)
         if len(rows):
