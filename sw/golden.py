@@ -29,7 +29,11 @@ COMPUTED, PREDICTED, STOPPED = 0, 3, 4   # CONST (1) and COPY (2) share the plan
 _COUNTERS = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
 _F32_EXACT = 1 << 24
 _F64_EXACT = 1 << 53
-_SEARCH_BLOCK = 1 << 21   # pairs x taps per chunk of the early-termination search
+# Pairs x taps per chunk of the early-termination search. Its temporaries (int32 sums, int64
+# indices: 2-4 MB) are reused from the heap chunk after chunk; larger chunks took fresh pages
+# every call (thousands of page faults per call on 64x56x56, ~25% of its time).
+_SEARCH_BLOCK = 1 << 19
+_ROWS_BYTES = 1 << 24     # largest copy of a round's input rows
 _I32 = 1 << 31
 _BATCH_ELEMENTS = 1 << 24  # tap-matrix elements per batch chunk (~128 MB float64)
 
@@ -203,6 +207,12 @@ class _Taps:
             self._cache[key] = im2col(self._x, L.k, L.stride, L.pad, dt)
         return self._cache[key]
 
+    def release(self, keep=None):
+        """Drop the cached matrices but ``keep``'s (memory for what follows: large fresh
+        temporaries cost page faults)."""
+        key = None if keep is None else np.dtype(keep).name
+        self._cache = {k: v for k, v in self._cache.items() if k == key}
+
 
 def requantize(acc: np.ndarray, M: np.ndarray, sh: np.ndarray, out_bits: int, *,
                overwrite: bool = False) -> np.ndarray:
@@ -328,6 +338,7 @@ class _Search:
         # The pairs (channel-major) and their accumulators: the caller may reuse acc.
         self.flat = np.flatnonzero(crossing)
         self.acc = acc.ravel()[self.flat]
+        self.xtype = _search_xtype(L)
 
     def resolve(self, e_stop, needed=None):
         """Write the stop points of the crossing pairs where ``needed`` (default: all) into
@@ -352,6 +363,14 @@ _GROWTH = 2           # a round after k0 taps is k0 / _GROWTH wide (at least the
 _ROWS_SHARE = 8       # input rows copied while more than 1/_ROWS_SHARE of the pairs are open
 
 
+def _search_xtype(L: Layer):
+    """The narrowest dtype of the search's input matrix."""
+    lo_x, hi_x = L.x_range()
+    if lo_x < 0:                 # a signed input has no crossing pairs (neg_start = T)
+        return np.int64
+    return np.uint8 if hi_x < 256 else np.uint16 if hi_x < 65536 else np.int64
+
+
 def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
     """First check point after ``e0`` with psum <= 0, for each crossing (channel, position).
 
@@ -369,10 +388,7 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
     """
     cout, t = w2.shape
     lo_x, hi_x = taps._layer.x_range()
-    xtype = np.uint8 if hi_x < 256 else np.uint16 if hi_x < 65536 else np.int64
-    if lo_x < 0:                 # a signed input has no crossing pairs (neg_start = T)
-        xtype = np.int64
-    cols = taps(xtype)                                    # (T, P) tap-major
+    cols = taps(_search_xtype(taps._layer))               # (T, P) tap-major
     npos = cols.shape[1]
     flat = cols.ravel()
     kmax = int(t - e0[c_idx].min())                       # longest tail of a pair
@@ -404,7 +420,7 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
                                   chans if len(chans) < cout else None)
         n_open, nch = state.shape[1], len(chans)
         rows = None
-        if n_open * _ROWS_SHARE > nch * npos and w * nch * npos <= 8 * _SEARCH_BLOCK:
+        if n_open * _ROWS_SHARE > nch * npos and w * nch * npos <= _ROWS_BYTES:
             # Many open pairs: copy the round's input rows of every open channel
             # (contiguous rows, cheap) and pick the pairs' columns, one index per pair.
             rows = cols[tap.ravel()].reshape(w, nch * npos)
@@ -606,6 +622,7 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
             if predicted is not None:
                 needed = needed & ~predicted
             needed = needed.reshape(cout, n * ho * wo)
+        taps.release(keep=search.xtype)      # the product matrices are done with: free them
         search.resolve(e_stop, needed)
 
     # Performed MACs: e_stop (or T) where computed, 0 where CONST, COPY or predicted.
