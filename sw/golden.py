@@ -346,8 +346,8 @@ class _Search:
         L = self.L
         flat, acc = self.flat, self.acc
         if needed is not None:
-            keep = needed.ravel()[flat]
-            flat, acc = flat[keep], acc[keep]
+            keep = np.flatnonzero(needed.ravel()[flat])     # (faster than two bool masks)
+            flat, acc = np.take(flat, keep), np.take(acc, keep)
         if len(flat):
             c_idx, p_idx = np.divmod(flat, e_stop.shape[1])   # channel-major, p ascending
             e_stop.ravel()[flat] = _first_stop(L.order, self.w2, self.e0, c_idx, p_idx, -acc,
@@ -426,7 +426,8 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
         if n_open * _ROWS_SHARE > nch * npos and w * nch * npos <= _ROWS_BYTES:
             # Many open pairs: copy the round's input rows of every open channel
             # (contiguous rows, cheap) and pick the pairs' columns, one index per pair.
-            rows = cols[tap.ravel()].reshape(w, nch * npos)
+            # (np.take: several times faster than fancy indexing on short rows)
+            rows = np.take(cols, tap.ravel(), axis=0).reshape(w, nch * npos)
         else:
             tap *= npos                                              # flat row offsets
         still = np.ones(n_open, bool)
@@ -460,7 +461,7 @@ def _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type, chans=
     t = order.shape[1]
     sub = order[:, t - k0 - w:t - k0]
     if chans is not None:
-        sub, row_start, e0 = sub[chans], row_start[chans], e0[chans]
+        sub, row_start, e0 = np.take(sub, chans, axis=0), row_start[chans], e0[chans]
     # Gathered row by row (each channel's weights stay in one row: cache friendly), then
     # reversed and transposed as small tables.
     wsub = np.take(w2_flat, sub + row_start[:, None])
