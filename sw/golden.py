@@ -345,12 +345,13 @@ class _Search:
         ``e_stop``; then apply predictive rule 1 if the layer has it."""
         L = self.L
         flat, acc = self.flat, self.acc
+        self.flat = self.acc = None          # (called once: memory for the search's arrays)
         if needed is not None:
             keep = np.flatnonzero(needed.ravel()[flat])     # (faster than two bool masks)
             flat, acc = np.take(flat, keep), np.take(acc, keep)
+            del keep
         if len(flat):
-            c_idx, p_idx = np.divmod(flat, e_stop.shape[1])   # channel-major, p ascending
-            e_stop.ravel()[flat] = _first_stop(L.order, self.w2, self.e0, c_idx, p_idx, -acc,
+            e_stop.ravel()[flat] = _first_stop(L.order, self.w2, self.e0, flat, acc,
                                                self.taps, self.g)
         if self.rule1 is not None:
             rule2_fired = self.crossing | (e_stop < L.taps)
@@ -371,13 +372,15 @@ def _search_xtype(L: Layer):
     return np.uint8 if hi_x < 256 else np.uint16 if hi_x < 65536 else np.int64
 
 
-def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
-    """First check point after ``e0`` with psum <= 0, for each crossing (channel, position).
+def _first_stop(order, w2, e0, pairs, acc, taps: _Taps, g):
+    """First check point after ``e0`` with psum <= 0, for each crossing (channel, position):
+    ``pairs`` are their flat indices in the (Cout, P) arrays (ascending), ``acc`` their
+    accumulators.
 
     After ``e0`` every term is <= 0 (non-positive weights, non-negative input), so psum falls
     monotonically from ``psum(e0) > 0`` to ``acc = psum(T) <= 0``. Scanning backward from the
     end: ``psum(T - k) = acc + s_k``, where ``s_k >= 0`` is minus the sum of the last ``k``
-    terms; with ``k*`` the fewest last taps with ``s_k > -acc`` (``target``), psum is > 0 up
+    terms; with ``k*`` the fewest last taps with ``s_k > -acc`` (the target), psum is > 0 up
     to ``T - k*`` and <= 0 after, so the stop is the first check point ``>= T - k* + 1``.
     Most pairs stop near the end, so the scan runs in rounds of growing width over the pairs
     not yet resolved: each round gathers the round's taps of every open pair (channel-major
@@ -391,16 +394,21 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
     cols = taps(_search_xtype(taps._layer))               # (T, P) tap-major
     npos = cols.shape[1]
     flat = cols.ravel()
-    kmax = int(t - e0[c_idx].min())                       # longest tail of a pair
+    # The open pairs, one column each: original index, channel, position, what the sum of
+    # the taps still to scan must exceed (one array: compacted in one step per round; filled
+    # in place, no per-row temporaries).
+    n = len(pairs)
+    state = np.empty((4, n), np.int64)
+    state[0] = np.arange(n)
+    np.divmod(pairs, npos, out=(state[1], state[2]))     # channel-major, p ascending
+    np.negative(acc, out=state[3])
+    kmax = int(t - e0[state[1]].min())                    # longest tail of a pair
     wmax = 1 << (taps._layer.weight_bits - 1)            # |w| bound (validated range)
     xmax = max(abs(int(lo_x)), abs(int(hi_x)), 1)
     # A round's running sums are at most width * |w| * x: int32 when that bound allows.
     acc_type = np.int32 if _MAX_WIDTH * wmax * xmax < _I32 else np.int64
     lim_max = np.iinfo(acc_type).max
-    result = np.empty(len(c_idx), np.int64)
-    # The open pairs, one column each: original index, channel, position, what the sum of
-    # the taps still to scan must exceed (one array: compacted in one step per round).
-    state = np.stack([np.arange(len(c_idx)), c_idx, p_idx, np.asarray(target, np.int64)])
+    result = np.empty(n, np.int64)
     k0, width = 0, _FIRST_WIDTH
     # The rounds gather weights at scattered taps of every open channel: from the narrowest
     # exact copy (int8 for 8-bit weights: 1/8 of the int64 table's cache lines).
