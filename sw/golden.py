@@ -606,7 +606,9 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
         value = requantize(acc, L.M, L.sh, L.out_bits, overwrite=True)
     shape = (cout, n, ho, wo)
     if ets:
-        np.copyto(value, 0, where=fired)      # masked copies: faster than value[fired] = 0
+        # Zeroing by a mask multiply: masked copies branch on every element (several times
+        # slower on these dense, random masks).
+        np.multiply(value, ~fired, out=value)
     out = value.reshape(shape)
 
     kind = L.kind.astype(np.int8)[:, None]     # the plan is the same per image; int8: fast
@@ -618,7 +620,7 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
     predicted = None
     if L.p:
         predicted = _predicted_followers(out, kind, L.leader[:, None], L.p)
-        np.copyto(out, 0, where=predicted)
+        np.multiply(out, ~predicted, out=out)
 
     if has_copy:
         copy = np.broadcast_to(kind == COPY, shape)
@@ -652,9 +654,11 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
         macs *= not_predicted
         if ets:
             stopped &= not_predicted
-        np.copyto(outcome, PREDICTED, where=predicted)
+        # The predicted and stopped positions are COMPUTED (0) so far: adding the masked
+        # codes sets them (much faster than masked copies).
+        outcome += predicted.view(np.int8) * np.int8(PREDICTED)
     if ets:
-        np.copyto(outcome, STOPPED, where=stopped)
+        outcome += stopped.view(np.int8) * np.int8(STOPPED)     # (COMPUTED so far, as above)
 
     counts = [0] * len(OUTCOMES)
     counts[CONST], counts[COPY] = int(plan_counts[CONST]) * n, int(plan_counts[COPY]) * n
