@@ -349,7 +349,7 @@ def _validate(layer: Layer, g, x):
     if layer.const is not None:
         const = _int_array("const", layer.const, (cout, ho, wo))
         if kind is not None:
-            vals = const[kind == CONST]
+            vals = np.take(const, np.flatnonzero(kind == CONST))   # (faster than a bool mask)
             if vals.size and (vals.min() < 0 or vals.max() > layer.out_max):
                 bad = int(vals.min()) if vals.min() < 0 else int(vals.max())
                 raise _err("const", bad, f"CONST values must be in 0..{layer.out_max}")
