@@ -467,9 +467,10 @@ def _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type, chans=
     negated weights (zero before ``e0``): tables ``(w, channels)``, for the channels
     ``chans`` (default all)."""
     t = order.shape[1]
-    sub = order[:, t - k0 - w:t - k0]
-    if chans is not None:
-        sub, row_start, e0 = np.take(sub, chans, axis=0), row_start[chans], e0[chans]
+    if chans is None:
+        sub = order[:, t - k0 - w:t - k0]
+    else:   # only the open channels' slices (np.take would copy every row's slice first)
+        sub, row_start, e0 = order[chans, t - k0 - w:t - k0], row_start[chans], e0[chans]
     # Gathered row by row (each channel's weights stay in one row: cache friendly), then
     # reversed and transposed as small tables.
     wsub = np.take(w2_flat, sub + row_start[:, None])
