@@ -144,18 +144,15 @@ def _product_plan(w: np.ndarray, xmax: int):
     ``"f64"``, ``"int"`` or the chunk starts. A copy of ``w`` with some weights zeroed has
     smaller sums, so the plan holds for it too.
     """
-    # One |w| array gives both the per-tap maxima (for the chunks: a set of taps whose
-    # maxima sum below 2**24 / xmax keeps every row's partial sums below 2**24) and the row
-    # sums (the exact rows' bound, when it matters).
-    a = np.abs(w if w.dtype.kind == "f" else w.astype(np.float64))   # no integer overflow
+    # The per-tap maxima of |w| give the chunks (a set of taps whose maxima sum below
+    # 2**24 / xmax keeps every row's partial sums below 2**24), the row sums of |w| the exact
+    # rows' bound when it matters.
+    amax, rowsum = _abs_stats(w)
     xmax = max(xmax, 1)
-    amax = a.max(axis=0)
     colmax = amax.astype(np.float64) * xmax
     if float(colmax.sum()) < _F32_EXACT:
         return "f32"
-    # float32 sums of integers are exact while every partial sum stays below 2**24.
-    exact32 = float(amax.max()) * a.shape[1] < _F32_EXACT
-    bound = float(a.sum(axis=1, dtype=None if exact32 else np.float64).max()) * xmax
+    bound = float(rowsum.max()) * xmax
     if bound < _F32_EXACT:
         return "f32"
     if bound >= _F64_EXACT:
@@ -166,6 +163,24 @@ def _product_plan(w: np.ndarray, xmax: int):
     before = np.cumsum(colmax) - colmax                 # sum of the maxima before each tap
     chunk = np.floor(before / limit)
     return np.concatenate(([0], np.flatnonzero(np.diff(chunk)) + 1))
+
+
+def _abs_stats(w: np.ndarray):
+    """Per-column maxima and exact row sums of ``|w|``, one cache-sized block of rows at a
+    time (no full ``|w|`` temporary: a fresh array of that size costs more than the sums)."""
+    rows, t = w.shape
+    ftype = w.dtype if w.dtype.kind == "f" else np.float64      # no integer overflow
+    step = max(1, (1 << 17) // max(t, 1))
+    buf = np.empty((min(step, rows), t), ftype)
+    amax, rowsum = np.zeros(t, ftype), np.empty(rows, ftype)
+    for r0 in range(0, rows, step):
+        a = np.abs(w[r0:r0 + step], out=buf[:min(step, rows - r0)], casting="unsafe")
+        np.maximum(amax, a.max(axis=0), out=amax)
+        rowsum[r0:r0 + step] = a.sum(axis=1)
+    # float32 sums of integers are exact while every partial sum stays below 2**24.
+    if ftype != np.float64 and float(amax.max(initial=0)) * t >= _F32_EXACT:
+        rowsum = np.abs(w).sum(axis=1, dtype=np.float64)
+    return amax, rowsum
 
 
 def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int, plan=None) -> np.ndarray:
