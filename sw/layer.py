@@ -264,8 +264,12 @@ def _as_bool(v):
 _BLOCK = 1 << 15      # elements of a range-check block (256 KB of int64: stays in cache)
 
 
-def _int_array(name, a, shape, lo=None, hi=None):
-    """Check an integer array's shape and inclusive range; return it as int64."""
+def _int_array(name, a, shape, lo=None, hi=None, positive=None):
+    """Check an integer array's shape and inclusive range; return it as int64.
+
+    ``positive``, a bool array of the shape, is filled with ``a > 0`` (while the range check
+    has each block in cache: no second pass over a large array).
+    """
     a = np.asarray(a)
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer)
                                or (np.issubdtype(a.dtype, np.floating)
@@ -276,15 +280,21 @@ def _int_array(name, a, shape, lo=None, hi=None):
     a = np.asarray(a, np.int64)      # no copy when it is int64 already (read-only use)
     if a.size > 4096 and lo is not None and hi is not None and a.flags.c_contiguous:
         # One pass over memory instead of two on large arrays.
-        if lo == 0:
+        if lo == 0 and positive is None:
             # As unsigned, a <= hi iff 0 <= a <= hi (negative values are huge).
             if int(a.view(np.uint64).max()) <= hi:
                 return a
         else:
             # Both reductions of a cache-sized block before the next block.
             flat = a.reshape(-1)
-            if all(int(flat[i:i + _BLOCK].min()) >= lo and int(flat[i:i + _BLOCK].max()) <= hi
-                   for i in range(0, flat.size, _BLOCK)):
+            pos = positive.reshape(-1) if positive is not None else None
+            for i in range(0, flat.size, _BLOCK):
+                block = flat[i:i + _BLOCK]
+                if int(block.min()) < lo or int(block.max()) > hi:
+                    break                    # named below
+                if pos is not None:
+                    np.greater(block, 0, out=pos[i:i + _BLOCK])
+            else:
                 return a
     if a.size and lo is not None and a.min() < lo:
         idx = tuple(int(i) for i in np.unravel_index(np.argmin(a), a.shape))
@@ -292,6 +302,8 @@ def _int_array(name, a, shape, lo=None, hi=None):
     if a.size and hi is not None and a.max() > hi:
         idx = tuple(int(i) for i in np.unravel_index(np.argmax(a), a.shape))
         raise _err(f"{name}{list(idx)}", int(a.max()), f"above the maximum {hi}")
+    if positive is not None:
+        np.greater(a, 0, out=positive)
     return a
 
 
@@ -321,7 +333,10 @@ def _validate(layer: Layer, g, x):
     if w.shape[1] != layer.in_shape[0]:
         raise _err("w.shape", w.shape, f"Cin must match the input's {layer.in_shape[0]} channels")
     wlim = 1 << (layer.weight_bits - 1)
-    w = _int_array("w", w, w.shape, -wlim, wlim - 1)
+    # The weights' signs, for the neg_start check below (taken during the range check).
+    w_pos = (np.empty(w.shape, bool) if layer.order is not None and layer.neg_start is not None
+             else None)
+    w = _int_array("w", w, w.shape, -wlim, wlim - 1, positive=w_pos)
     cout, k = layer.cout, layer.k
     _int_array("b", layer.b, (cout,), INT32_MIN, INT32_MAX)
     _check_scalar("stride", layer.stride, 1, 64)
@@ -424,7 +439,6 @@ def _validate(layer: Layer, g, x):
         itype = np.int16 if t < (1 << 15) else np.int64        # ranks and neg_start
         ranks = np.arange(t, dtype=itype)[None, :]
         neg_i = neg.astype(itype) if neg is not None else None
-        wflat = w.reshape(cout, t)
         step = max(1, (1 << 17) // t)
         flat = np.empty((min(step, cout), t), np.int64)
         after = np.empty((min(step, cout), t), bool)
@@ -448,7 +462,8 @@ def _validate(layer: Layer, g, x):
             if int(block.max()) > 1:
                 complete = False                # reported after every block's range check
             elif neg_i is not None and not positive_after:
-                positive_after = bool(np.logical_and(block.view(bool), wflat[r0:r1] > 0,
+                positive_after = bool(np.logical_and(block.view(bool),
+                                                     w_pos.reshape(cout, t)[r0:r1],
                                                      out=after[:n]).any())
         if not complete:
             c = int(np.argmax(hit.reshape(cout, t).max(axis=1) > 1))
