@@ -30,8 +30,9 @@ _COUNTERS = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_
 _F32_EXACT = 1 << 24
 _F64_EXACT = 1 << 53
 # Pairs x taps per chunk of the early-termination search. Its temporaries (int32 sums, int64
-# indices: 2-4 MB) are reused from the heap chunk after chunk; larger chunks took fresh pages
-# every call (thousands of page faults per call on 64x56x56, ~25% of its time).
+# indices: 2-4 MB) are reused from one chunk to the next; larger chunks (8-16 MB) grew the
+# heap further, and glibc gives the heap's top back after each call, so every call paid page
+# faults for them (on 64x56x56 several ms of system time).
 _SEARCH_BLOCK = 1 << 19
 _ROWS_BYTES = 1 << 24     # largest copy of a round's input rows
 _I32 = 1 << 31
