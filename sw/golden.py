@@ -29,7 +29,12 @@ COMPUTED, PREDICTED, STOPPED = 0, 3, 4   # CONST (1) and COPY (2) share the plan
 _COUNTERS = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
 _F32_EXACT = 1 << 24
 _F64_EXACT = 1 << 53
-_SEARCH_BLOCK = 1 << 21   # pairs x taps per chunk of the early-termination search
+# Pairs x taps per chunk of the early-termination search. Its temporaries (int32 sums, int64
+# indices: 2-4 MB) are reused from one chunk to the next; larger chunks (8-16 MB) grew the
+# heap further, and glibc gives the heap's top back after each call, so every call paid page
+# faults for them (on 64x56x56 several ms of system time).
+_SEARCH_BLOCK = 1 << 19
+_ROWS_BYTES = 1 << 24     # largest copy of a round's input rows
 _I32 = 1 << 31
 _BATCH_ELEMENTS = 1 << 24  # tap-matrix elements per batch chunk (~128 MB float64)
 
@@ -140,12 +145,15 @@ def _product_plan(w: np.ndarray, xmax: int):
     ``"f64"``, ``"int"`` or the chunk starts. A copy of ``w`` with some weights zeroed has
     smaller sums, so the plan holds for it too.
     """
-    # Chunks from the per-tap maximum over rows (two reductions, no |w| copy): a set of taps
-    # whose maxima sum below 2**24 / xmax keeps every row's partial sums below 2**24.
-    colmax = np.maximum(w.max(axis=0), -w.min(axis=0)).astype(np.float64) * max(xmax, 1)
+    # The per-tap maxima of |w| give the chunks (a set of taps whose maxima sum below
+    # 2**24 / xmax keeps every row's partial sums below 2**24), the row sums of |w| the exact
+    # rows' bound when it matters.
+    amax, rowsum = _abs_stats(w)
+    xmax = max(xmax, 1)
+    colmax = amax.astype(np.float64) * xmax
     if float(colmax.sum()) < _F32_EXACT:
         return "f32"
-    bound = _product_bound(w, xmax)             # the exact rows' bound, when it matters
+    bound = float(rowsum.max()) * xmax
     if bound < _F32_EXACT:
         return "f32"
     if bound >= _F64_EXACT:
@@ -158,12 +166,22 @@ def _product_plan(w: np.ndarray, xmax: int):
     return np.concatenate(([0], np.flatnonzero(np.diff(chunk)) + 1))
 
 
-def _product_bound(w: np.ndarray, xmax: int) -> float:
-    """Largest ``sum(|w[c]|) * xmax``: no partial sum of a row's products exceeds it."""
-    a = np.abs(w.astype(np.float32, copy=False)) if w.dtype.itemsize > 4 else np.abs(w)
+def _abs_stats(w: np.ndarray):
+    """Per-column maxima and exact row sums of ``|w|``, one cache-sized block of rows at a
+    time (no full ``|w|`` temporary: a fresh array of that size costs more than the sums)."""
+    rows, t = w.shape
+    ftype = w.dtype if w.dtype.kind == "f" else np.float64      # no integer overflow
+    step = max(1, (1 << 17) // max(t, 1))
+    buf = np.empty((min(step, rows), t), ftype)
+    amax, rowsum = np.zeros(t, ftype), np.empty(rows, ftype)
+    for r0 in range(0, rows, step):
+        a = np.abs(w[r0:r0 + step], out=buf[:min(step, rows - r0)], casting="unsafe")
+        np.maximum(amax, a.max(axis=0), out=amax)
+        rowsum[r0:r0 + step] = a.sum(axis=1)
     # float32 sums of integers are exact while every partial sum stays below 2**24.
-    exact32 = a.size and float(a.max()) * a.shape[1] < _F32_EXACT
-    return float(a.sum(axis=1, dtype=None if exact32 else np.float64).max()) * max(xmax, 1)
+    if ftype != np.float64 and float(amax.max(initial=0)) * t >= _F32_EXACT:
+        rowsum = np.abs(w).sum(axis=1, dtype=np.float64)
+    return amax, rowsum
 
 
 def _exact_products(w: np.ndarray, cols_by_dtype, xmax: int, plan=None) -> np.ndarray:
@@ -204,6 +222,12 @@ class _Taps:
             L = self._layer
             self._cache[key] = im2col(self._x, L.k, L.stride, L.pad, dt)
         return self._cache[key]
+
+    def release(self, keep=None):
+        """Drop the cached matrices but ``keep``'s (memory for what follows: large fresh
+        temporaries cost page faults)."""
+        key = None if keep is None else np.dtype(keep).name
+        self._cache = {k: v for k, v in self._cache.items() if k == key}
 
 
 def requantize(acc: np.ndarray, M: np.ndarray, sh: np.ndarray, out_bits: int, *,
@@ -268,10 +292,13 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, w32, g: int, plan):
     # Rule 2: from the first check point at or after neg_start, psum can only fall (weights
     # <= 0 on a non-negative input; a signed input has neg_start = T, the final check only).
     e0 = np.minimum(-(-L.neg_start // g) * g, t)
-    if np.array_equal(np.count_nonzero(w32 > 0, axis=1), e0):
-        # Every positive weight comes before neg_start <= e0, so when a channel has exactly
-        # e0 of them its first e0 taps are its positive taps: no rank table needed. On a
-        # non-negative input psum(e0) >= b then, so only channels with b <= 0 can stop at e0.
+    # Every positive weight comes before neg_start <= e0 (validated), so a channel has at
+    # most e0 of them, and the total is sum(e0) only when every channel has exactly e0 (one
+    # count over the whole table: much cheaper than per-row counts).
+    if int(np.count_nonzero(w32 > 0)) == int(e0.sum()):
+        # A channel with exactly e0 positive weights has them as its first e0 taps: no rank
+        # table needed. On a non-negative input psum(e0) >= b then, so only channels with
+        # b <= 0 can stop at e0.
         rows = np.flatnonzero(L.b <= 0) if L.x_range()[0] >= 0 else np.arange(cout)
         at_e0 = np.zeros((cout, npos), bool)
         if len(rows):
@@ -288,7 +315,7 @@ def _stop_points(L: Layer, acc, taps: _Taps, w2, w32, g: int, plan):
     fired |= crossing
     search = None
     if crossing.any():
-        search = _Search(L, acc, taps, w2, e0, crossing, g)
+        search = _Search(L, acc, taps, w32, e0, crossing, g)
 
     if L.et == "predictive":
         # Rule 1 at e == spec: psum <= th stops; it is checked before rule 2 at that point.
@@ -327,18 +354,20 @@ class _Search:
         # The pairs (channel-major) and their accumulators: the caller may reuse acc.
         self.flat = np.flatnonzero(crossing)
         self.acc = acc.ravel()[self.flat]
+        self.xtype = _search_xtype(L)
 
     def resolve(self, e_stop, needed=None):
         """Write the stop points of the crossing pairs where ``needed`` (default: all) into
         ``e_stop``; then apply predictive rule 1 if the layer has it."""
         L = self.L
         flat, acc = self.flat, self.acc
+        self.flat = self.acc = None          # (called once: memory for the search's arrays)
         if needed is not None:
-            keep = needed.ravel()[flat]
-            flat, acc = flat[keep], acc[keep]
+            keep = np.flatnonzero(needed.ravel()[flat])     # (faster than two bool masks)
+            flat, acc = np.take(flat, keep), np.take(acc, keep)
+            del keep
         if len(flat):
-            c_idx, p_idx = np.divmod(flat, e_stop.shape[1])   # channel-major, p ascending
-            e_stop.ravel()[flat] = _first_stop(L.order, self.w2, self.e0, c_idx, p_idx, -acc,
+            e_stop.ravel()[flat] = _first_stop(L.order, self.w2, self.e0, flat, acc,
                                                self.taps, self.g)
         if self.rule1 is not None:
             rule2_fired = self.crossing | (e_stop < L.taps)
@@ -351,13 +380,23 @@ _GROWTH = 2           # a round after k0 taps is k0 / _GROWTH wide (at least the
 _ROWS_SHARE = 8       # input rows copied while more than 1/_ROWS_SHARE of the pairs are open
 
 
-def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
-    """First check point after ``e0`` with psum <= 0, for each crossing (channel, position).
+def _search_xtype(L: Layer):
+    """The narrowest dtype of the search's input matrix."""
+    lo_x, hi_x = L.x_range()
+    if lo_x < 0:                 # a signed input has no crossing pairs (neg_start = T)
+        return np.int64
+    return np.uint8 if hi_x < 256 else np.uint16 if hi_x < 65536 else np.int64
+
+
+def _first_stop(order, w2, e0, pairs, acc, taps: _Taps, g):
+    """First check point after ``e0`` with psum <= 0, for each crossing (channel, position):
+    ``pairs`` are their flat indices in the (Cout, P) arrays (ascending), ``acc`` their
+    accumulators.
 
     After ``e0`` every term is <= 0 (non-positive weights, non-negative input), so psum falls
     monotonically from ``psum(e0) > 0`` to ``acc = psum(T) <= 0``. Scanning backward from the
     end: ``psum(T - k) = acc + s_k``, where ``s_k >= 0`` is minus the sum of the last ``k``
-    terms; with ``k*`` the fewest last taps with ``s_k > -acc`` (``target``), psum is > 0 up
+    terms; with ``k*`` the fewest last taps with ``s_k > -acc`` (the target), psum is > 0 up
     to ``T - k*`` and <= 0 after, so the stop is the first check point ``>= T - k* + 1``.
     Most pairs stop near the end, so the scan runs in rounds of growing width over the pairs
     not yet resolved: each round gathers the round's taps of every open pair (channel-major
@@ -368,24 +407,29 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
     """
     cout, t = w2.shape
     lo_x, hi_x = taps._layer.x_range()
-    xtype = np.uint8 if hi_x < 256 else np.uint16 if hi_x < 65536 else np.int64
-    if lo_x < 0:                 # a signed input has no crossing pairs (neg_start = T)
-        xtype = np.int64
-    cols = taps(xtype)                                    # (T, P) tap-major
+    cols = taps(_search_xtype(taps._layer))               # (T, P) tap-major
     npos = cols.shape[1]
     flat = cols.ravel()
-    kmax = int(t - e0[c_idx].min())                       # longest tail of a pair
+    # The open pairs, one column each: original index, channel, position, what the sum of
+    # the taps still to scan must exceed (one array: compacted in one step per round; filled
+    # in place, no per-row temporaries).
+    n = len(pairs)
+    state = np.empty((4, n), np.int64)
+    state[0] = np.arange(n)
+    np.divmod(pairs, npos, out=(state[1], state[2]))     # channel-major, p ascending
+    np.negative(acc, out=state[3])
+    kmax = int(t - e0[state[1]].min())                    # longest tail of a pair
     wmax = 1 << (taps._layer.weight_bits - 1)            # |w| bound (validated range)
     xmax = max(abs(int(lo_x)), abs(int(hi_x)), 1)
     # A round's running sums are at most width * |w| * x: int32 when that bound allows.
     acc_type = np.int32 if _MAX_WIDTH * wmax * xmax < _I32 else np.int64
     lim_max = np.iinfo(acc_type).max
-    result = np.empty(len(c_idx), np.int64)
-    # The open pairs, one column each: original index, channel, position, what the sum of
-    # the taps still to scan must exceed (one array: compacted in one step per round).
-    state = np.stack([np.arange(len(c_idx)), c_idx, p_idx, np.asarray(target, np.int64)])
+    result = np.empty(n, np.int64)
     k0, width = 0, _FIRST_WIDTH
-    w2_flat = np.ascontiguousarray(w2).ravel()
+    # The rounds gather weights at scattered taps of every open channel: from the narrowest
+    # exact copy (int8 for 8-bit weights: 1/8 of the int64 table's cache lines).
+    wtype = np.int8 if taps._layer.weight_bits <= 8 else np.int16
+    w2_flat = w2.astype(wtype).ravel()
     row_start = np.arange(cout) * t
     e0_max = int(e0.max())
     while state.shape[1]:
@@ -403,10 +447,11 @@ def _first_stop(order, w2, e0, c_idx, p_idx, target, taps: _Taps, g):
                                   chans if len(chans) < cout else None)
         n_open, nch = state.shape[1], len(chans)
         rows = None
-        if n_open * _ROWS_SHARE > nch * npos and w * nch * npos <= 8 * _SEARCH_BLOCK:
+        if n_open * _ROWS_SHARE > nch * npos and w * nch * npos <= _ROWS_BYTES:
             # Many open pairs: copy the round's input rows of every open channel
             # (contiguous rows, cheap) and pick the pairs' columns, one index per pair.
-            rows = cols[tap.ravel()].reshape(w, nch * npos)
+            # (np.take: several times faster than fancy indexing on short rows)
+            rows = np.take(cols, tap.ravel(), axis=0).reshape(w, nch * npos)
         else:
             tap *= npos                                              # flat row offsets
         still = np.ones(n_open, bool)
@@ -438,9 +483,10 @@ def _round_tables(order, w2_flat, row_start, e0, e0_max, k0, w, acc_type, chans=
     negated weights (zero before ``e0``): tables ``(w, channels)``, for the channels
     ``chans`` (default all)."""
     t = order.shape[1]
-    sub = order[:, t - k0 - w:t - k0]
-    if chans is not None:
-        sub, row_start, e0 = sub[chans], row_start[chans], e0[chans]
+    if chans is None:
+        sub = order[:, t - k0 - w:t - k0]
+    else:   # only the open channels' slices (np.take would copy every row's slice first)
+        sub, row_start, e0 = order[chans, t - k0 - w:t - k0], row_start[chans], e0[chans]
     # Gathered row by row (each channel's weights stay in one row: cache friendly), then
     # reversed and transposed as small tables.
     wsub = np.take(w2_flat, sub + row_start[:, None])
@@ -577,7 +623,9 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
         value = requantize(acc, L.M, L.sh, L.out_bits, overwrite=True)
     shape = (cout, n, ho, wo)
     if ets:
-        np.copyto(value, 0, where=fired)      # masked copies: faster than value[fired] = 0
+        # Zeroing by a mask multiply: masked copies branch on every element (several times
+        # slower on these dense, random masks).
+        np.multiply(value, ~fired, out=value)
     out = value.reshape(shape)
 
     kind = L.kind.astype(np.int8)[:, None]     # the plan is the same per image; int8: fast
@@ -589,7 +637,7 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
     predicted = None
     if L.p:
         predicted = _predicted_followers(out, kind, L.leader[:, None], L.p)
-        np.copyto(out, 0, where=predicted)
+        np.multiply(out, ~predicted, out=out)
 
     if has_copy:
         copy = np.broadcast_to(kind == COPY, shape)
@@ -605,6 +653,7 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
             if predicted is not None:
                 needed = needed & ~predicted
             needed = needed.reshape(cout, n * ho * wo)
+        taps.release(keep=search.xtype)      # the product matrices are done with: free them
         search.resolve(e_stop, needed)
 
     # Performed MACs: e_stop (or T) where computed, 0 where CONST, COPY or predicted.
@@ -622,9 +671,11 @@ def _run_batch(L: Layer, xs: np.ndarray, g: int) -> Result:
         macs *= not_predicted
         if ets:
             stopped &= not_predicted
-        np.copyto(outcome, PREDICTED, where=predicted)
+        # The predicted and stopped positions are COMPUTED (0) so far: adding the masked
+        # codes sets them (much faster than masked copies).
+        outcome += predicted.view(np.int8) * np.int8(PREDICTED)
     if ets:
-        np.copyto(outcome, STOPPED, where=stopped)
+        outcome += stopped.view(np.int8) * np.int8(STOPPED)     # (COMPUTED so far, as above)
 
     counts = [0] * len(OUTCOMES)
     counts[CONST], counts[COPY] = int(plan_counts[CONST]) * n, int(plan_counts[COPY]) * n

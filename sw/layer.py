@@ -261,8 +261,15 @@ def _as_bool(v):
 
 # -- validation ------------------------------------------------------------------------------
 
-def _int_array(name, a, shape, lo=None, hi=None):
-    """Check an integer array's shape and inclusive range; return it as int64."""
+_BLOCK = 1 << 15      # elements of a range-check block (256 KB of int64: stays in cache)
+
+
+def _int_array(name, a, shape, lo=None, hi=None, positive=None):
+    """Check an integer array's shape and inclusive range; return it as int64.
+
+    ``positive``, a bool array of the shape, is filled with ``a > 0`` (while the range check
+    has each block in cache: no second pass over a large array).
+    """
     a = np.asarray(a)
     if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer)
                                or (np.issubdtype(a.dtype, np.floating)
@@ -271,17 +278,32 @@ def _int_array(name, a, shape, lo=None, hi=None):
     if a.shape != tuple(shape):
         raise _err(f"{name}.shape", a.shape, f"must be {tuple(shape)}")
     a = np.asarray(a, np.int64)      # no copy when it is int64 already (read-only use)
-    if a.size > 4096 and lo == 0 and hi is not None and a.flags.c_contiguous:
-        # One pass instead of two on large arrays: as unsigned, a <= hi iff 0 <= a <= hi
-        # (negative values are huge).
-        if int(a.view(np.uint64).max()) <= hi:
-            return a
+    if a.size > 4096 and lo is not None and hi is not None and a.flags.c_contiguous:
+        # One pass over memory instead of two on large arrays.
+        if lo == 0 and positive is None:
+            # As unsigned, a <= hi iff 0 <= a <= hi (negative values are huge).
+            if int(a.view(np.uint64).max()) <= hi:
+                return a
+        else:
+            # Both reductions of a cache-sized block before the next block.
+            flat = a.reshape(-1)
+            pos = positive.reshape(-1) if positive is not None else None
+            for i in range(0, flat.size, _BLOCK):
+                block = flat[i:i + _BLOCK]
+                if int(block.min()) < lo or int(block.max()) > hi:
+                    break                    # named below
+                if pos is not None:
+                    np.greater(block, 0, out=pos[i:i + _BLOCK])
+            else:
+                return a
     if a.size and lo is not None and a.min() < lo:
         idx = tuple(int(i) for i in np.unravel_index(np.argmin(a), a.shape))
         raise _err(f"{name}{list(idx)}", int(a.min()), f"below the minimum {lo}")
     if a.size and hi is not None and a.max() > hi:
         idx = tuple(int(i) for i in np.unravel_index(np.argmax(a), a.shape))
         raise _err(f"{name}{list(idx)}", int(a.max()), f"above the maximum {hi}")
+    if positive is not None:
+        np.greater(a, 0, out=positive)
     return a
 
 
@@ -311,7 +333,10 @@ def _validate(layer: Layer, g, x):
     if w.shape[1] != layer.in_shape[0]:
         raise _err("w.shape", w.shape, f"Cin must match the input's {layer.in_shape[0]} channels")
     wlim = 1 << (layer.weight_bits - 1)
-    w = _int_array("w", w, w.shape, -wlim, wlim - 1)
+    # The weights' signs, for the neg_start check below (taken during the range check).
+    w_pos = (np.empty(w.shape, bool) if layer.order is not None and layer.neg_start is not None
+             else None)
+    w = _int_array("w", w, w.shape, -wlim, wlim - 1, positive=w_pos)
     cout, k = layer.cout, layer.k
     _int_array("b", layer.b, (cout,), INT32_MIN, INT32_MAX)
     _check_scalar("stride", layer.stride, 1, 64)
@@ -339,7 +364,7 @@ def _validate(layer: Layer, g, x):
     if layer.const is not None:
         const = _int_array("const", layer.const, (cout, ho, wo))
         if kind is not None:
-            vals = const[kind == CONST]
+            vals = np.take(const, np.flatnonzero(kind == CONST))   # (faster than a bool mask)
             if vals.size and (vals.min() < 0 or vals.max() > layer.out_max):
                 bad = int(vals.min()) if vals.min() < 0 else int(vals.max())
                 raise _err("const", bad, f"CONST values must be in 0..{layer.out_max}")
@@ -397,36 +422,51 @@ def _validate(layer: Layer, g, x):
     neg = neg_error = None
     hit = None
     if layer.order is not None:
-        order = _int_array("order", layer.order, (cout, t), 0, t - 1)
+        order = _int_array("order", layer.order, (cout, t))    # range: block by block below
         if layer.neg_start is not None:
             try:                            # reported after the order's own checks
                 neg = _int_array("neg_start", layer.neg_start, (cout,), 0, t)
             except LayerError as exc:
                 neg_error = exc
-        # Values are in 0..t-1 and a row has t of them: a permutation iff every tap is hit.
-        # One scatter marks each tap 1 (before neg_start) or 2 (at or after it): the
-        # neg_start check below then needs no gather of the weights in tap order.
-        # In blocks of rows: the flat indices of a block stay in cache for the scatter.
-        # Each block's rows are final after its scatter (values in range: no row writes
-        # into another), so they are checked while still in cache too.
-        hit = np.zeros(cout * t, np.int8)
-        ranks = np.arange(t, dtype=np.int32)[None, :]
-        wflat = w.reshape(cout, t)
-        step = max(1, (1 << 18) // t)
-        complete = np.empty(cout, bool)
+        # Values in 0..t-1 and t of them in a row: a permutation iff every tap is hit. One
+        # scatter marks each tap 0 (before neg_start) or 1 (at or after it) over a table of 2s
+        # (not hit): the neg_start check below then needs no gather of the weights in tap
+        # order. In blocks of rows that stay in cache: each block's range check, flat indices,
+        # scatter and checks read cached data (one pass over the (Cout, T) arrays in memory).
+        # A block's rows are final after its scatter (values in range: no row writes into
+        # another).
+        hit = np.full(cout * t, 2, np.int8)
+        itype = np.int16 if t < (1 << 15) else np.int64        # ranks and neg_start
+        ranks = np.arange(t, dtype=itype)[None, :]
+        neg_i = neg.astype(itype) if neg is not None else None
+        step = max(1, (1 << 17) // t)
+        flat = np.empty((min(step, cout), t), np.int64)
+        after = np.empty((min(step, cout), t), bool)
+        row_start = (np.arange(cout) * t)[:, None]
+        complete = True
         positive_after = False              # a positive weight at or after neg_start
         for r0 in range(0, cout, step):
             r1 = min(cout, r0 + step)
-            flat = order[r0:r1] + (np.arange(r0, r1) * t)[:, None]
-            hit[flat] = 1 if neg is None else (ranks >= neg[r0:r1, None]).view(np.int8) + 1
-            block = hit[r0 * t:r1 * t].reshape(r1 - r0, t)
-            complete[r0:r1] = block.all(axis=1)
-            if neg is not None and not positive_after:
-                positive_after = bool(((block == 2) & (wflat[r0:r1] > 0)).any())
-        hit = hit.reshape(cout, t)
-        bad = np.nonzero(~complete)[0]
-        if bad.size:
-            c = int(bad[0])
+            n = r1 - r0
+            block_order = order[r0:r1]
+            # As unsigned, 0 <= v <= t-1 iff v <= t-1 (negative values are huge).
+            if int(block_order.view(np.uint64).max()) > t - 1:
+                _int_array("order", order, (cout, t), 0, t - 1)     # raises, naming the value
+            np.add(block_order, row_start[r0:r1], out=flat[:n])
+            if neg_i is None:
+                hit[flat[:n]] = 0
+            else:
+                hit[flat[:n]] = np.greater_equal(ranks, neg_i[r0:r1, None],
+                                                 out=after[:n]).view(np.int8)
+            block = hit[r0 * t:r1 * t].reshape(n, t)
+            if int(block.max()) > 1:
+                complete = False                # reported after every block's range check
+            elif neg_i is not None and not positive_after:
+                positive_after = bool(np.logical_and(block.view(bool),
+                                                     w_pos.reshape(cout, t)[r0:r1],
+                                                     out=after[:n]).any())
+        if not complete:
+            c = int(np.argmax(hit.reshape(cout, t).max(axis=1) > 1))
             dup = np.nonzero(np.bincount(order[c], minlength=t) != 1)[0][0]
             raise _err(f"order[{c}]", f"tap {int(dup)} appears "
                        f"{int(np.count_nonzero(order[c] == dup))} times",

@@ -152,6 +152,40 @@ def test_input_shape_and_range(good):
         signed.validate(x=x + 128)
 
 
+def test_large_layer_checks_every_block():
+    """Order, neg_start and weight checks go block by block on large tables: a bad value in
+    the last block is found, and the errors keep their precedence across blocks."""
+    rng = np.random.default_rng(3)
+    L = randlayer.random_layer(rng, cin=256, cout=120, h=3, w=3, k=3, pad=1,
+                               features=("early_term",), et="exact")
+    t = L.taps
+    assert L.cout > 2 * ((1 << 17) // t)          # at least three blocks of rows
+    L.validate()
+    last = L.cout - 1
+    order = L.order.copy()
+    order[last, :2] = order[last, 0]
+    with pytest.raises(LayerError, match=rf"order\[{last}\] = 'tap \d+ appears 2 times'"):
+        bad(L, order=order).validate()
+    # A range error in a later block wins over a permutation error in an earlier one.
+    order[0, :2] = order[0, 0]
+    order[last, 5] = -1
+    with pytest.raises(LayerError, match=rf"order\[{last}, 5\] = -1: below the minimum 0"):
+        bad(L, order=order).validate()
+    order[last, 5] = t
+    with pytest.raises(LayerError, match=rf"order\[{last}, 5\] = {t}: above the maximum"):
+        bad(L, order=order).validate()
+    ns = L.neg_start.copy()
+    ordered = L.w.reshape(L.cout, -1)[last][L.order[last]]
+    ns[last] = int(np.nonzero(ordered > 0)[0][-1])
+    with pytest.raises(LayerError, match=rf"neg_start\[{last}\] = \d+: tap order\[{last}\]"):
+        bad(L, neg_start=ns).validate()
+    for value, why in ((128, "above the maximum 127"), (-129, "below the minimum -128")):
+        w = L.w.copy()
+        w[last, -1, -1, -1] = value
+        with pytest.raises(LayerError, match=rf"w\[{last}, 255, 2, 2\] = {value}: {why}"):
+            bad(L, w=w).validate()
+
+
 def test_package_round_trip(tmp_path, good):
     good.meta = {"s_x": 0.5, "source": "conv1"}
     good.name = "conv1"
