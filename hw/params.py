@@ -98,6 +98,10 @@ class HwParams:
         self.base_bits = self.ifa_bits + self.k_bits + 3
         self.plan = bool(c.features & {"velcro", "perforation", "zero_pred"})
         self.value_bits = 31                            # raw outputs saturate at int32 max
+        # A layer's counters: at most Cout*Ho*Wo <= max_ofmap positions of <= max_taps MACs
+        # (the loader refuses bigger layers); the protocol's words stay 64 and 32 bits wide.
+        self.mac_bits = _bits(c.max_ofmap * c.max_taps)
+        self.pos_bits = self.ofn_bits
         self.prod_bits = c.act_bits + 1 + c.weight_bits
         self.words_per_beat = c.bus_bits // 32
 

@@ -89,12 +89,15 @@ class Responder(wiring.Component):
 
         # counters (accumulated on the OFMAP pass)
         names = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
-        macc = {k: Signal(64, name=f"cnt_{k}") for k in names}
+        # (as wide as a layer's counts can get, zero-extended to the reply's words)
+        macc = {k: Signal(hp.mac_bits, name=f"cnt_{k}") for k in names}
         pos_names = ("computed", "stopped", "const", "copy", "predicted")
-        pcnt = {k: Signal(32, name=f"pos_{k}") for k in pos_names}
+        pcnt = {k: Signal(hp.pos_bits, name=f"pos_{k}") for k in pos_names}
         counter_words = [self.cycles[:32], self.cycles[32:]]
         for k in names:
-            counter_words += [macc[k][:32], macc[k][32:]]
+            wide = Signal(64, name=f"cnt64_{k}")
+            m.d.comb += wide.eq(macc[k])
+            counter_words += [wide[:32], wide[32:]]
         counter_words += [pcnt[k] for k in pos_names]
         assert len(counter_words) == COUNTER_WORDS
 
