@@ -27,10 +27,22 @@ def add_arguments(parser) -> None:
                              "more block RAM than the 85F has at 8 lanes)")
     parser.add_argument("--no-dense", action="store_true",
                         help="skip the dense baselines (no lut_overhead)")
+    parser.add_argument("--pack-only", action="store_true",
+                        help="stop nextpnr after packing: LUTs, FFs, DSPs, block RAMs and "
+                             "lut_overhead in minutes, no Fmax")
 
 
 def _summary(reports):
     from .build import engine_fmax
+    packed = [r for r in reports if r.get("status") == "packed"]
+    if packed:
+        r = packed[0]
+        out = {"status": "packed"}
+        for k in ("luts", "ffs", "dsps", "brams"):
+            out[k] = r[k]["used"]
+            out[f"{k}_available"] = r[k]["available"]
+        out["build_s"] = r.get("seconds")
+        return out
     ok = [r for r in reports if r.get("status") == "ok"]
     if not ok:
         # Did not fit: the utilization nextpnr found before giving up still tells why.
@@ -87,7 +99,8 @@ def run(args) -> dict:
             for seed in seeds:
                 bar.set_postfix_str(f"{board} {size} {variant} seed {seed}")
                 reports.append(cached_build(board, config, mhz, seed,
-                                             lambda s: tqdm.write(s, file=sys.stderr)))
+                                             lambda s: tqdm.write(s, file=sys.stderr),
+                                             pack_only=args.pack_only))
                 bar.update()
             entry = result.setdefault(board, {}).setdefault(size, {})
             entry[variant] = _summary(reports)
@@ -102,7 +115,9 @@ def run(args) -> dict:
             if a.get("status") == "ok":
                 entry["fmax_mhz"] = a["fmax_mhz"]
     if "ulx3s" in result:
+        done = "packed" if args.pack_only else "ok"
         fits = [int(s.split("_")[1]) for s, e in result["ulx3s"].items()
-                if e.get("all", {}).get("status") == "ok"]
-        result["ulx3s"]["largest_lanes_built"] = max(fits) if fits else None
+                if e.get("all", {}).get("status") == done]
+        key = "largest_lanes_packed" if args.pack_only else "largest_lanes_built"
+        result["ulx3s"][key] = max(fits) if fits else None
     return result

@@ -168,8 +168,11 @@ def _tail(path: Path, n: int = 30) -> str:
 
 def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float | None = None,
                 baud: int = 115200, seed: int = 1, check_timing: bool = True,
-                log=None) -> dict:
+                pack_only: bool = False, log=None) -> dict:
     """Build ``config`` for ``board`` into ``out_dir``; return the report (also ``report.json``).
+
+    ``pack_only`` stops nextpnr after packing: the resources in minutes instead of a full
+    place and route (status ``packed``: no Fmax, no bitstream).
 
     Raises :class:`BuildError` when a tool fails, the design does not fit, or (with
     ``check_timing``) the achieved Fmax of the engine clock is below ``clock_mhz``.
@@ -186,7 +189,7 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
     platform = spec.platform()
     top = spec.top(config, clock_mhz, baud)
     overrides = {"nextpnr_opts": f"--report {name}.report.json --seed {int(seed)} "
-                                 "--timing-allow-fail"}
+                                 "--timing-allow-fail" + (" --pack-only" if pack_only else "")}
     if spec.family == "ice40":
         overrides["synth_opts"] = "-dsp"
     t0 = time.monotonic()
@@ -203,7 +206,8 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
     seconds = round(time.monotonic() - t0, 1)
     report = {"board": board, "device": f"{platform.device}-{platform.package}",
               "config": config.to_dict(), "config_key": config.key,
-              "clock_mhz": clock_mhz, "baud": baud, "seed": seed, "seconds": seconds}
+              "clock_mhz": clock_mhz, "baud": baud, "seed": seed, "seconds": seconds,
+              "pack_only": pack_only}
     rep_json = out / f"{name}.report.json"
     if rep_json.exists():
         report.update(parse_report(spec, rep_json, out / f"{name}.rpt"))
@@ -223,6 +227,16 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
         r = report.get(key)
         if r and r["available"] and r["used"] > r["available"]:
             fails.append(f"{key} {r['used']} > {r['available']} available")
+    if pack_only and all(k in report for k in ("luts", "ffs", "dsps", "brams")):
+        # nextpnr stopped after packing and printed the utilisation; the platform's script
+        # then asks it for a bitstream config of the unplaced design, which fails: expected.
+        report["status"] = "failed" if fails else "packed"
+        if fails:
+            report["error"] = "; ".join(fails)
+        atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+        if fails:
+            raise BuildError(f"{board}: {report['error']}; report {out / 'report.json'}")
+        return report
     if proc.returncode != 0:
         text = _tail(logfile)
         if "Unable to place" in text or "not enough" in text.lower() or "exceeds" in text:
@@ -269,7 +283,8 @@ def program_board(board: str, bitstream) -> None:
     subprocess.run([tool, "-b", BOARDS[board].loader_board, str(bitstream)], check=True)
 
 
-def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, log=None) -> dict:
+def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, log=None,
+                 pack_only: bool = False) -> dict:
     """Build (or reuse) one design without the timing check; return its report.
 
     Cached under ``cache_dir('boards', 'builds')`` by board, config, clock, seed and the
@@ -281,7 +296,7 @@ def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, lo
     from ..sw.paths import cache_dir
     from .simbuild import _locked, _sources_hash
 
-    key = f"{board}-{config.key}-{mhz:g}-s{seed}-{_sources_hash()}"
+    key = f"{board}-{config.key}-{mhz:g}-s{seed}{'-pack' if pack_only else ''}-{_sources_hash()}"
     folder = cache_dir("boards", "builds", key)
     report_path = folder / "report.json"
     with _locked(folder.parent / f"{key}.lock"):
@@ -290,7 +305,7 @@ def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, lo
         shutil.rmtree(folder, ignore_errors=True)
         try:
             return build_board(board, config, folder, clock_mhz=mhz, seed=seed,
-                               check_timing=False, log=log)
+                               check_timing=False, pack_only=pack_only, log=log)
         except BuildError as e:
             if report_path.exists():
                 rep = json.loads(report_path.read_text())

@@ -62,3 +62,9 @@ def test_ulx3s_small_build_to_bitstream():
     assert report["dsps"]["used"] >= 1            # the MAC is a MULT18X18D
     assert min(v["achieved_mhz"] for v in report["fmax"].values()) >= CLOCK_MHZ
     assert report["config_key"] == SMALL.key
+    # Stopping nextpnr after packing gives the same resources, with no Fmax or bitstream.
+    packed = cached_build("ulx3s", SMALL, CLOCK_MHZ, seed=1, pack_only=True)
+    assert packed["status"] == "packed", packed.get("error")
+    assert {k: packed[k] for k in ("luts", "ffs", "dsps", "brams")} == \
+        {k: report[k] for k in ("luts", "ffs", "dsps", "brams")}
+    assert not packed.get("fmax") and "bitstream" not in packed
