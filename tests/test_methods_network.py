@@ -143,3 +143,23 @@ def test_margin_loss_counts_losses_only():
     from skipconv.sw.methods.common import margins
     z = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
     assert margins(z, np.array([0, 0])).tolist() == [2.0, -2.0]
+
+
+def test_perforation_finetune_recovers_the_perforated_network(lenet):
+    from skipconv.sw.methods import finetune
+    model, net, splits = lenet
+    train = splits["train"][np.arange(320)]
+    G = perforation.impacts(model, net.layers, train.x[:100], train.y[:100])
+    ladders = [[np.zeros(L.out_hw, bool), perforation.impact_mask(G[i], 0.7)]
+               for i, L in enumerate(net.layers)]
+    ft = finetune.perforation_finetune(model, net.layers, ladders, train.x, train.y,
+                                       epochs=2, lr=2e-3, progress=False)
+    assert ft is not model and not all(
+        (a == b).all() for a, b in zip(ft.parameters(), model.parameters()))
+    net_ft = export.export(ft, splits["calib"].x, spec={"zoo": "lenet"})
+    nll = []
+    for n in (net, net_ft):
+        ev = _ev(n, train, 320)
+        plan = {i: perforation.apply(L, ladders[i][1]) for i, L in enumerate(ev.layers)}
+        nll.append(ev.run(plan).nll)
+    assert nll[1] < 0.7 * nll[0], nll
