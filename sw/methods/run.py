@@ -152,7 +152,8 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
         # its background positions have zero variance) and two more SnaPEA rungs. They are
         # profiled on the training images themselves (the data's own statistics).
         lad = joint.build_ladders(ev_s, model=model, first_layer_velcro=True,
-                                  tolerances=joint.WIDE_TOLERANCES)
+                                  tolerances=joint.WIDE_TOLERANCES,
+                                  perf_rates=joint.FINE_PERF_RATES)
         if kind == "augmented":
             aug = data.augment(train, AUGMENT_SEED)
             ev_r = NetEval(net, _np(aug.x), _np(aug.y), g)
