@@ -43,10 +43,12 @@ def add_arguments(parser):
     parser.add_argument("--gt", type=int, default=2, help="zero_pred granularity (windows per cluster side)")
     parser.add_argument("--mask", default="impact", choices=("uniform", "grid", "pooling", "impact"),
                         help="perforation mask type")
-    parser.add_argument("--joint-search", default="train", choices=("train", "calib"),
-                        help="joint: rank moves on training images and back off on the "
-                             "calibration images (train, default), or search on the "
-                             "calibration images alone (calib)")
+    parser.add_argument("--joint-search", default="augmented",
+                        choices=("augmented", "train", "calib"),
+                        help="joint: rank moves by NLL on augmented copies of training images "
+                             "and back off on the calibration images (augmented, default), "
+                             "the same by margin loss on the training images themselves "
+                             "(train), or search on the calibration images alone (calib)")
     parser.add_argument("--search-images", type=int, default=None, metavar="N",
                         help="joint: training images the search uses (default 1000)")
     parser.add_argument("--val-margin", type=float, default=None, metavar="F",

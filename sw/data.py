@@ -6,6 +6,7 @@
 * :func:`digits`: scikit-learn's 1,797 8x8 digits (``load_digits``).
 * :func:`sample_images`: scikit-learn's two 427x640 colour photos (``load_sample_images``).
 * :func:`class_subset`: the images of some classes only (VELCRO's specialized tasks).
+* :func:`augment`: seeded random affine copies of a split (the joint search's images).
 
 Normalization (what the zoo models expect): pixel ``v`` in 0..255 becomes
 ``v / 127.5 - 1`` in [-1, 1]. The first engine layer therefore takes a *signed* input, and
@@ -23,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-__all__ = ["Split", "mnist_split", "digits", "sample_images", "class_subset", "normalize",
+__all__ = ["Split", "mnist_split", "digits", "sample_images", "class_subset", "augment", "normalize",
            "SPLIT_SIZES", "SPLIT_SEED"]
 
 #: Images per class in each part of :func:`mnist_split` (x 10 classes = 3,500 / 500 / 1,000).
@@ -126,3 +127,35 @@ def class_subset(split: Split, classes) -> Split:
                          f"{split.name or 'the split'}")
     keep = torch.isin(split.y, torch.as_tensor(classes))
     return Split(split.x[keep], split.y[keep], f"{split.name}{{{','.join(map(str, classes))}}}")
+
+
+def augment(split: Split, seed: int = 0, *, shift: float = 1.5, rotate: float = 10.0,
+            scale: float = 0.08) -> Split:
+    """A seeded random affine copy of every image of ``split`` (labels unchanged).
+
+    Per image: rotation uniform in +-``rotate`` degrees, scale in 1 +- ``scale``, translation
+    in +-``shift`` pixels on each axis, bilinear, background -1 outside the image; the result
+    is rounded back onto the 256 grey levels of :func:`normalize`. The joint search ranks its
+    moves on such copies of training images: the network has fitted the training images
+    themselves (top-1 100 %), but not these (lenet: 95.7 % with the defaults), so they behave
+    like unseen images near the decision boundaries without using any held-out image.
+    """
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(int(seed))
+    x = split.x
+    n = x.shape[0]
+    a = (torch.rand(n, generator=g) * 2 - 1) * rotate * np.pi / 180
+    s = 1 + (torch.rand(n, generator=g) * 2 - 1) * scale
+    t = (torch.rand(n, 2, generator=g) * 2 - 1) * shift * 2 / torch.tensor(
+        [x.shape[-1], x.shape[-2]], dtype=torch.float32)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.cos(a) * s
+    theta[:, 0, 1] = -torch.sin(a) * s
+    theta[:, 1, 0] = torch.sin(a) * s
+    theta[:, 1, 1] = torch.cos(a) * s
+    theta[:, :, 2] = t
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1
+    out = torch.round((out + 1) * 127.5) / 127.5 - 1
+    return Split(out.to(torch.float32), split.y.clone(), f"{split.name}+augment{seed}")

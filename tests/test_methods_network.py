@@ -143,3 +143,50 @@ def test_margin_loss_counts_losses_only():
     from skipconv.sw.methods.common import margins
     z = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0]])
     assert margins(z, np.array([0, 0])).tolist() == [2.0, -2.0]
+
+
+def test_augment_is_seeded_on_the_grey_levels_and_keeps_labels():
+    split = data.mnist_split("train")[np.arange(40)]
+    a, b, c = data.augment(split, 1), data.augment(split, 1), data.augment(split, 2)
+    assert a.x.shape == split.x.shape and a.x.dtype == split.x.dtype
+    assert (a.y == split.y).all()
+    assert (a.x == b.x).all() and not (a.x == c.x).all()
+    levels = (a.x.numpy() + 1) * 127.5
+    assert np.abs(levels - np.round(levels)).max() < 1e-3
+    assert levels.min() >= -1e-3 and levels.max() <= 255 + 1e-3
+    ident = data.augment(split, 1, shift=0.0, rotate=0.0, scale=0.0)
+    assert np.abs(ident.x.numpy() - split.x.numpy()).max() < 1e-5
+
+
+def test_augmented_training_images_are_unseen_by_the_network(lenet):
+    # Why the joint search ranks its moves on augmented copies: the network has fitted its
+    # training images (top-1 100 %, wide margins), not their augmented copies.
+    from skipconv.sw.methods.common import margins
+    _, net, splits = lenet
+    train = splits["train"][np.arange(400)]
+    plain = _ev(net, train, 400)
+    aug = _ev(net, data.augment(train, 1), 400)
+    assert plain.base.acc == 1.0
+    assert aug.base.acc < 0.99
+    assert (np.median(margins(aug.base.logits, aug.y))
+            < 0.8 * np.median(margins(plain.base.logits, plain.y)))
+
+
+def test_perforation_finetune_recovers_the_perforated_network(lenet):
+    from skipconv.sw.methods import finetune
+    model, net, splits = lenet
+    train = splits["train"][np.arange(320)]
+    G = perforation.impacts(model, net.layers, train.x[:100], train.y[:100])
+    ladders = [[np.zeros(L.out_hw, bool), perforation.impact_mask(G[i], 0.7)]
+               for i, L in enumerate(net.layers)]
+    ft = finetune.perforation_finetune(model, net.layers, ladders, train.x, train.y,
+                                       epochs=2, lr=2e-3, progress=False)
+    assert ft is not model and not all(
+        (a == b).all() for a, b in zip(ft.parameters(), model.parameters()))
+    net_ft = export.export(ft, splits["calib"].x, spec={"zoo": "lenet"})
+    nll = []
+    for n in (net, net_ft):
+        ev = _ev(n, train, 320)
+        plan = {i: perforation.apply(L, ladders[i][1]) for i, L in enumerate(ev.layers)}
+        nll.append(ev.run(plan).nll)
+    assert nll[1] < 0.7 * nll[0], nll

@@ -36,7 +36,10 @@ ZP_WINDOWS = (2, 3, 4)
 VELCRO_STEPS = tuple(round(0.05 * k, 2) for k in range(1, 19))
 #: SnaPEA tolerances of the train-image search (``run.optimize_model``): two more rungs than
 #: the single-method search; on lenet conv2 reached the 0.15 rung with the default ladder.
-WIDE_TOLERANCES = snapea.TOLERANCES + (0.25, 0.4)
+WIDE_TOLERANCES = snapea.TOLERANCES + (0.2, 0.25, 0.3, 0.4, 0.5)
+#: Perforation rates of the train-image search: steps of 0.05 instead of the single-method
+#: search's 0.1 (on lenet the late, costly moves were single 0.1 perforation rungs).
+FINE_PERF_RATES = tuple(round(0.05 * k, 2) for k in range(1, 17))
 
 
 @dataclass
