@@ -32,35 +32,32 @@ def add_arguments(parser) -> None:
                              "lut_overhead in minutes, no Fmax")
 
 
+def _resources(r) -> dict:
+    """``luts``, ``ffs``, ``dsps``, ``brams`` used and available, those the report has."""
+    out = {}
+    for k in ("luts", "ffs", "dsps", "brams"):
+        if k in r:
+            out[k] = r[k]["used"]
+            out[f"{k}_available"] = r[k]["available"]
+    return out
+
+
 def _summary(reports):
     from .build import engine_fmax
     packed = [r for r in reports if r.get("status") == "packed"]
     if packed:
         r = packed[0]
-        out = {"status": "packed"}
-        for k in ("luts", "ffs", "dsps", "brams"):
-            out[k] = r[k]["used"]
-            out[f"{k}_available"] = r[k]["available"]
-        out["build_s"] = r.get("seconds")
-        return out
+        return {"status": "packed", **_resources(r), "build_s": r.get("seconds")}
     ok = [r for r in reports if r.get("status") == "ok"]
     if not ok:
         # Did not fit: the utilization nextpnr found before giving up still tells why.
         r = reports[0]
-        out = {"status": "failed", "error": r.get("error")}
-        for k in ("luts", "ffs", "dsps", "brams"):
-            if k in r:
-                out[k] = r[k]["used"]
-                out[f"{k}_available"] = r[k]["available"]
-        return out
+        return {"status": "failed", "error": r.get("error"), **_resources(r)}
     r = ok[0]
     fmax = [engine_fmax(x) for x in ok]
     out = {"status": "ok", "fmax_mhz": min(fmax), "fmax_mhz_seeds": fmax,
-           "fmax_mhz_max": max(fmax), "seeds": [x["seed"] for x in ok]}
-    for k in ("luts", "ffs", "dsps", "brams"):
-        out[k] = r[k]["used"]
-        out[f"{k}_available"] = r[k]["available"]
-    out["build_s"] = r.get("seconds")
+           "fmax_mhz_max": max(fmax), "seeds": [x["seed"] for x in ok], **_resources(r),
+           "build_s": r.get("seconds")}
     if r.get("critical_path"):
         out["critical_path"] = {k: r["critical_path"][k] for k in ("from", "to")}
     return out

@@ -24,8 +24,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-__all__ = ["Split", "mnist_split", "digits", "sample_images", "class_subset", "augment", "normalize",
-           "SPLIT_SIZES", "SPLIT_SEED"]
+__all__ = ["Split", "mnist_split", "digits", "sample_images", "class_subset", "augment",
+           "normalize", "SPLIT_SIZES", "SPLIT_SEED"]
 
 #: Images per class in each part of :func:`mnist_split` (x 10 classes = 3,500 / 500 / 1,000).
 SPLIT_SIZES = {"train": 350, "calib": 50, "test": 100}

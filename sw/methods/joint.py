@@ -34,7 +34,7 @@ __all__ = ["Ladders", "build_ladders", "compose", "optimize", "check", "JointRes
 
 ZP_WINDOWS = (2, 3, 4)
 VELCRO_STEPS = tuple(round(0.05 * k, 2) for k in range(1, 19))
-#: SnaPEA tolerances of the train-image search (``run.optimize_model``): two more rungs than
+#: SnaPEA tolerances of the train-image search (``run.optimize_model``): five more rungs than
 #: the single-method search; on lenet conv2 reached the 0.15 rung with the default ladder.
 WIDE_TOLERANCES = snapea.TOLERANCES + (0.2, 0.25, 0.3, 0.4, 0.5)
 #: Perforation rates of the train-image search: steps of 0.05 instead of the single-method

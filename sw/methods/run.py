@@ -149,7 +149,8 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
         ev_s = NetEval(net, _np(train.x), _np(train.y), g)
         val_margin = float(options.get("val_margin", 0.5))
         # Wider ladders than the calibration search: VELCRO on the first layer too (on MNIST
-        # its background positions have zero variance) and two more SnaPEA rungs. They are
+        # its background positions have zero variance), more SnaPEA tolerances and perforation
+        # rates in steps of 0.05 (joint.WIDE_TOLERANCES, joint.FINE_PERF_RATES). They are
         # profiled on the training images themselves (the data's own statistics).
         lad = joint.build_ladders(ev_s, model=model, first_layer_velcro=True,
                                   tolerances=joint.WIDE_TOLERANCES,
