@@ -134,7 +134,9 @@ class PE(wiring.Component):
 
         # -- unit slots (a FIFO of windows) --------------------------------------------------
         slot_unit = [Signal(unit_layout(hp), name=f"slot{s}_unit") for s in range(NS)]
-        outstanding = [Signal(8, name=f"slot{s}_out") for s in range(NS)]
+        # leaders in flight per slot: at most a whole p x p window
+        out_shape = range(cfg.max_p ** 2 + 1)
+        outstanding = [Signal(out_shape, name=f"slot{s}_out") for s in range(NS)]
         nz = [Signal(name=f"slot{s}_nz") for s in range(NS)]
         head = Signal(hp.slot_bits)
         count = Signal(range(NS + 1))
@@ -233,7 +235,7 @@ class PE(wiring.Component):
             with m.If(self.grant & (tail == s)):
                 m.d.sync += outstanding[s].eq(0)
 
-        head_out = Signal(8)
+        head_out = Signal(out_shape)
         head_nz = Signal()
         for s in range(NS):
             with m.If(head == s):
@@ -371,34 +373,39 @@ class PE(wiring.Component):
             m.d.sync += [s5_a[j].eq(Mux(s4_use[j], a, 0)), s5_w[j].eq(s4_w[j])]
         m.d.sync += ctx[5].eq(ctx[4])
 
-        # stage 5: multiply (product registered); psum - 1 and psum - th - 1 ahead of the
-        # add, so that stage 6 gets "sum <= 0" and "sum <= th" as the signs of single adds.
-        # The channel's early-termination parameters arrive here from the replica (read with
-        # stage 4's channel), and the tap count is compared with them for stage 6.
+        # stage 4: the channel's early-termination parameters (read with stage 3's channel)
+        # decide which check this round's sum faces: "sum <= th" at the speculation point,
+        # "sum <= 0" once only non-positive weights remain, "sum <= max(th, 0)" when both
+        # apply. One bound x, so that stage 6 needs a single compare.
+        s5_check = Signal()                 # a rule of semantics.md section 4 applies
+        s5_x = Signal(signed(32))           # its bound: th or 0
+        if cfg.has("early_term"):
+            et = p_rd.data
+            m.d.comb += p_rd.addr.eq(ctx[3].c)
+            neg = ctx[4].e >= et.neg_start
+            at_spec = pred & (ctx[4].e == et.spec)
+            m.d.sync += [s5_check.eq(at_spec | (et_on & neg)),
+                         s5_x.eq(Mux(at_spec & ~(neg & (et.th < 0)), et.th, 0))]
+
+        # stage 5: multiply (product registered); psum - x - 1 ahead of the add, so that
+        # stage 6 gets "sum <= x" as the sign of a single add.
         s6_p = [Signal(signed(hp.prod_bits), name=f"s6_p{j}") for j in range(g)]
         for j in range(g):
             m.d.sync += s6_p[j].eq(s5_a[j] * s5_w[j])
-        s6_pm1 = Signal(signed(hp.acc_bits + 1))
-        s6_pth = Signal(signed(max(hp.acc_bits, 32) + 2))
-        s6_neg = Signal()                   # every remaining tap is non-positive
-        s6_spec = Signal()                  # the speculation check point
-        m.d.sync += [ctx[6].eq(ctx[5]), s6_pm1.eq(ctx[5].psum - 1)]
-        if cfg.has("early_term"):
-            et = p_rd.data
-            m.d.comb += p_rd.addr.eq(ctx[4].c)
-            m.d.sync += [s6_pth.eq(ctx[5].psum - et.th - 1), s6_neg.eq(ctx[5].e >= et.neg_start),
-                         s6_spec.eq(ctx[5].e == et.spec)]
+        s6_px = Signal(signed(max(hp.acc_bits, 32) + 2))
+        s6_check = Signal()
+        m.d.sync += [ctx[6].eq(ctx[5]), s6_px.eq(ctx[5].psum - s5_x - 1),
+                     s6_check.eq(s5_check)]
 
         # stage 6: accumulate into the context's partial sum; stage 0's decisions
         total = s6_p[0]
         for j in range(1, g):
             total = total + s6_p[j]
         c6 = ctx[6]
-        le_0 = (s6_pm1 + total) < 0                   # new sum <= 0
-        le_th = (s6_pth + total) < 0                  # new sum <= th
+        le_x = (s6_px + total) < 0                    # new sum <= x
         enext6, lv6 = next_issue(c6.e)
         m.d.sync += [ctx[0].eq(c6), ctx[0].psum.eq(c6.psum + total),
-                     c0_fired.eq((pred & s6_spec & le_th) | (et_on & s6_neg & le_0)),
+                     c0_fired.eq(s6_check & le_x),
                      c0_end.eq(c6.e >= T), c0_enext.eq(enext6), c0_lv.eq(lv6)]
         assert D == 7, "the stages above are written for a ring of 7 contexts"
 

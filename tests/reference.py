@@ -49,6 +49,20 @@ def position(L, x, c, y, xx, g):
     return q(psum, int(L.M[c]), int(L.sh[c]), L.out_bits), t, False
 
 
+def partial_sum(L, x, c, y, xx, e):
+    """The bias plus the first ``e`` taps of ``L.order[c]`` at one position."""
+    k, s, pad = L.k, L.stride, L.pad
+    _, h, w = x.shape
+    psum = int(L.b[c])
+    for tap in L.order[c][:e]:
+        ci, rem = divmod(int(tap), k * k)
+        ky, kx = divmod(rem, k)
+        iy, ix = y * s + ky - pad, xx * s + kx - pad
+        if 0 <= iy < h and 0 <= ix < w:
+            psum += int(L.w[c, ci, ky, kx]) * int(x[ci, iy, ix])
+    return psum
+
+
 def run(layer, x, g=1):
     """Return (out, macs, outcome codes, counters dict) the slow way."""
     L = layer.normalized()

@@ -1,5 +1,8 @@
 # amaranth: UnusedElaboratable=no
-"""One PE in the Amaranth simulator: every early-termination check point, g = 1 and 2."""
+"""One PE in the Amaranth simulator: every early-termination check point, g = 1 and 2.
+
+``predictive-late`` puts the speculation point after ``neg_start`` with a negative threshold,
+where both rules apply at once and a sum in (th, 0] must stop by the exact rule."""
 
 import sys
 from pathlib import Path
@@ -18,9 +21,12 @@ import reference  # noqa: E402
 
 
 @pytest.mark.parametrize("g,et", [(1, "exact"), (2, "exact"), (1, "predictive"),
-                                  (2, "predictive"), (2, "off")])
+                                  (2, "predictive"), (2, "off"), (1, "predictive-late"),
+                                  (2, "predictive-late")])
 def test_pe_stops_where_the_rules_say(g, et):
     rng = np.random.default_rng(7 * g + len(et))
+    late = et == "predictive-late"
+    et = "predictive" if late else et
     cin, h, w, k, pad = 2, 3, 6, 3, 1
     t = cin * k * k
     wt = rng.integers(-60, 60, size=(1, cin, k, k))
@@ -29,9 +35,14 @@ def test_pe_stops_where_the_rules_say(g, et):
     neg = np.asarray([i for i in order[0] if wt.ravel()[i] <= 0])
     order = np.concatenate([pos, neg])[None, :].astype(np.int64)
     neg_start = np.asarray([len(pos)])
-    spec = np.asarray([(t // 3) // g * g])
-    th = np.asarray([int(rng.integers(-200, 2000))])
-    b = np.asarray([int(rng.integers(-3000, 500))])
+    if late:
+        spec = np.asarray([-(-len(pos) // g) * g])
+        th = np.asarray([int(rng.integers(-10**6, -10**5))])
+        b = np.asarray([int(rng.integers(-40000, -10000))])
+    else:
+        spec = np.asarray([(t // 3) // g * g])
+        th = np.asarray([int(rng.integers(-200, 2000))])
+        b = np.asarray([int(rng.integers(-3000, 500))])
     layer = Layer(in_shape=(cin, h, w), w=wt, b=b, stride=1, pad=pad, et=et,
                   order=order if et != "off" else None,
                   neg_start=neg_start if et != "off" else None,
@@ -91,8 +102,11 @@ def test_pe_stops_where_the_rules_say(g, et):
     sim.run()
 
     assert sorted(results) == list(range(n_pos))
+    both = 0                                    # stopped at spec with th < sum <= 0
     for xx in range(n_pos):
         _, e, stopped = reference.position(L, x, 0, 0, xx, g)
+        if late and stopped and e == int(L.spec[0]):
+            both += reference.partial_sum(L, x, 0, 0, xx, e) > int(L.th[0])
         psum, fired, e_hw = results[xx]
         assert (e_hw, bool(fired)) == (e, stopped), xx
         if not stopped:
@@ -101,3 +115,4 @@ def test_pe_stops_where_the_rules_say(g, et):
             xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
             acc = int(L.b[0]) + int((L.w[0] * xp[:, iy + pad, ix + pad]).sum())
             assert psum == acc, xx
+    assert both or not late, "no position exercised the exact rule at the speculation point"
