@@ -83,6 +83,11 @@ class Loader(wiring.Component):
         op = Signal(8)
         n = Signal(32)
         i = Signal(32)                        # body word index
+        # Where the next body word falls, registered when the previous word is taken, so
+        # that no 32-bit compare of ``i`` sits in front of ``ready`` and the fault logic.
+        hdr = Signal(5)                       # one-hot: i == 0 .. 4 (LOAD_LAYER's header)
+        in_par = Signal()                     # i < n_params (LOAD_LAYER)
+        last = Signal()                       # i == n - 1
         err_code = self.err_code
         err_detail = self.err_detail
         per_word = 4 if cfg.act_bits <= 8 else 2
@@ -238,7 +243,7 @@ class Loader(wiring.Component):
 
         def end_of_body():
             """The message's last body word was taken without a content fault."""
-            with m.If(~w.tlast | ((op == Op.LOAD_LAYER) & (i < 4))):
+            with m.If(~w.tlast | ((op == Op.LOAD_LAYER) & hdr[:4].any())):
                 fail(Err.BAD_LENGTH, n, content=False)
             with m.Elif(~w.beat_end):
                 m.next = "PAD"
@@ -289,6 +294,7 @@ class Loader(wiring.Component):
                             m.d.comb += bad_len.eq(data != ifmap_words)
                         with m.Case(Op.RUN):
                             m.d.comb += bad_len.eq(data != 1)
+                    m.d.sync += [hdr.eq(1), in_par.eq(1), last.eq(data == 1)]
                     with m.If(bad_len | msg_end):
                         fail(Err.BAD_LENGTH, data)
                     with m.Else():
@@ -297,8 +303,6 @@ class Loader(wiring.Component):
                                  step.eq(0), wc_e.eq(0), wc_lane.eq(0), wc_row.eq(0)]
 
             with m.State("BODY"):
-                last = Signal()
-                m.d.comb += last.eq(i == n - 1)
                 ready = Signal()
                 # Stalls: header words wait for their products (and word 2 for the output
                 # size) plus one cycle for their registered checks (``hold``); weights wait
@@ -306,14 +310,14 @@ class Loader(wiring.Component):
                 with m.Switch(op):
                     with m.Case(Op.LOAD_LAYER):
                         base = Signal()               # a header word's inputs are final
-                        with m.If(i == 1):
+                        with m.If(hdr[1]):
                             with m.If(self.words.valid):
                                 m.d.comb += base.eq(products([
                                     (data[0:16], data[16:32], hw_), (hw_, L.cin, cin_hw)]))
-                        with m.Elif(i == 4):
+                        with m.Elif(hdr[4]):
                             with m.If(self.words.valid):
                                 m.d.comb += base.eq(products([(data, L.cout, ct)]))
-                        with m.Elif(i == 2):
+                        with m.Elif(hdr[2]):
                             # the output size is checked on this word: divide first
                             with m.If(self.words.valid & ~div_started):
                                 k, s, pad = data[0:8], data[8:16], data[16:24]
@@ -331,13 +335,13 @@ class Loader(wiring.Component):
                                 m.d.comb += base.eq(products([
                                     (div_h.quotient + 1, div_w.quotient + 1, howo),
                                     (howo, L.cout, n_out), (k, k, kk), (kk, L.cin, cin_kk)]))
-                        with m.Elif(i < 5):
+                        with m.Elif(hdr.any()):
                             m.d.comb += base.eq(1)
-                        with m.Elif(i >= n_params):
+                        with m.Elif(~in_par):
                             m.d.comb += ready.eq(~b_run)
                         with m.Else():
                             m.d.comb += ready.eq(1)
-                        with m.If(i < 5):
+                        with m.If(hdr.any()):
                             m.d.comb += ready.eq(base & hold)
                             m.d.sync += hold.eq(self.words.valid & base & ~take)
                     with m.Case(Op.LOAD_IFMAP):
@@ -346,18 +350,22 @@ class Loader(wiring.Component):
                         m.d.comb += ready.eq(1)
                 m.d.comb += self.words.ready.eq(ready)
                 with m.If(take):
-                    m.d.sync += [i.eq(i + 1), step.eq(0)]
+                    m.d.sync += [i.eq(i + 1), step.eq(0), hdr.eq(hdr << 1),
+                                 last.eq(i + 2 == n),
+                                 # word 0 sets n_params, and the header words all precede
+                                 # the parameters
+                                 in_par.eq(hdr[:4].any() | (i + 1 < n_params))]
                     if True:
                         with m.Switch(op):
                             with m.Case(Op.LOAD_LAYER):
-                                self._layer_word(m, hp, data, i, n, L, fail, div_h, div_w,
+                                self._layer_word(m, hp, data, hdr, in_par, n, L, fail, div_h, div_w,
                                                  cin_kk, n_out, howo, cin_hw, ct, n_params,
                                                  b_run, b_t,
                                                  b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j,
                                                  wp_valid, wp_w, wp_row, wp_lane, wc_e,
                                                  wc_lane, wc_row, div_started, hc)
                             with m.Case(Op.LOAD_PLAN):
-                                self._plan_word(m, hp, data, i, n, L, fail, has_nn, q)
+                                self._plan_word(m, hp, data, hdr, n, L, fail, has_nn, q)
                             with m.Case(Op.LOAD_IFMAP):
                                 m.d.sync += [up_word.eq(data), up_cnt.eq(per_word)]
                             with m.Case(Op.RUN):
@@ -416,12 +424,12 @@ class Loader(wiring.Component):
 
     # -- LOAD_LAYER body ---------------------------------------------------------------------
 
-    def _layer_word(self, m, hp, data, i, n, L, fail, div_h, div_w, cin_kk, n_out, howo, cin_hw,
+    def _layer_word(self, m, hp, data, hdr, in_par, n, L, fail, div_h, div_w, cin_kk, n_out, howo, cin_hw,
                     ct, n_params, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j, wp_valid,
                     wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, div_started, hc):
         cfg = hp.config
         g = cfg.g
-        with m.If(i == 0):
+        with m.If(hdr[0]):
             cin, cout = data[0:16], data[16:32]
             m.d.sync += [L.cin.eq(cin), L.cout.eq(cout), n_params.eq(5 + (cout << 2) + cout)]
             with m.If(hc["lo_zero"]):
@@ -430,7 +438,7 @@ class Loader(wiring.Component):
                 fail(Err.BAD_VALUE, cout)
             with m.Elif(hc["cout_limit"]):
                 fail(Err.LIMIT, cout)
-        with m.Elif(i == 1):
+        with m.Elif(hdr[1]):
             h, w = data[0:16], data[16:32]
             m.d.sync += [L.h.eq(h), L.w.eq(w)]
             with m.If(hc["lo_zero"]):
@@ -439,7 +447,7 @@ class Loader(wiring.Component):
                 fail(Err.BAD_VALUE, w)
             with m.Elif(hc["size_limit"]):
                 fail(Err.LIMIT, cin_hw)
-        with m.Elif(i == 2):
+        with m.Elif(hdr[2]):
             k, s, pad, p = data[0:8], data[8:16], data[16:24], data[24:32]
             m.d.sync += [L.k.eq(k), L.stride.eq(s), L.pad.eq(pad), L.p.eq(p),
                          L.ho.eq(div_h.quotient + 1), L.wo.eq(div_w.quotient + 1),
@@ -467,7 +475,7 @@ class Loader(wiring.Component):
                 fail(Err.BAD_VALUE, L.w)
             with m.Elif(hc["nout_limit"]):
                 fail(Err.LIMIT, n_out)
-        with m.Elif(i == 3):
+        with m.Elif(hdr[3]):
             et = data[2:4]
             has_plan = data[4]
             ob = data[8:16]
@@ -483,7 +491,7 @@ class Loader(wiring.Component):
                 fail(Err.BAD_VALUE, ob)
             with m.Elif(hc["ob_limit"]):
                 fail(Err.LIMIT, ob)
-        with m.Elif(i == 4):
+        with m.Elif(hdr[4]):
             t = data
             m.d.sync += [L.taps.eq(t), L.rows.eq((t + g - 1) // g)]
             with m.If(hc["t_ne_kk"]):
@@ -492,7 +500,7 @@ class Loader(wiring.Component):
                 fail(Err.LIMIT, t)
             with m.Elif(hc["n_mismatch"]):
                 fail(Err.BAD_LENGTH, n)
-        with m.Elif(i < n_params):
+        with m.Elif(in_par):
             # per-channel parameters: bias, M/sh, neg_start, spec, th
             with m.Switch(pc_j):
                 with m.Case(0):
@@ -536,9 +544,9 @@ class Loader(wiring.Component):
 
     # -- LOAD_PLAN body ----------------------------------------------------------------------
 
-    def _plan_word(self, m, hp, data, i, n, L, fail, has_nn, q):
+    def _plan_word(self, m, hp, data, hdr, n, L, fail, has_nn, q):
         cfg = hp.config
-        with m.If(i == 0):
+        with m.If(hdr[0]):
             hn = data[0]
             m.d.sync += [has_nn.eq(hn), q.eq(0)]
             with m.If(hn & (not cfg.has("perforation"))):
