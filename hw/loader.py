@@ -88,6 +88,9 @@ class Loader(wiring.Component):
         hdr = Signal(5)                       # one-hot: i == 0 .. 4 (LOAD_LAYER's header)
         in_par = Signal()                     # i < n_params (LOAD_LAYER)
         last = Signal()                       # i == n - 1
+        # CONST values a plan may hold (2**out_bits - 1 as a mask), set with the layer's
+        # word 3, so that a plan word's range check is an AND, not a shift and a compare
+        const_mask = Signal(24)
         err_code = self.err_code
         err_detail = self.err_detail
         per_word = 4 if cfg.act_bits <= 8 else 2
@@ -363,9 +366,11 @@ class Loader(wiring.Component):
                                                  b_run, b_t,
                                                  b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j,
                                                  wp_valid, wp_w, wp_row, wp_lane, wc_e,
-                                                 wc_lane, wc_row, div_started, hc)
+                                                 wc_lane, wc_row, div_started, hc,
+                                                 const_mask)
                             with m.Case(Op.LOAD_PLAN):
-                                self._plan_word(m, hp, data, hdr, n, L, fail, has_nn, q)
+                                self._plan_word(m, hp, data, hdr, n, L, fail, has_nn, q,
+                                                const_mask)
                             with m.Case(Op.LOAD_IFMAP):
                                 m.d.sync += [up_word.eq(data), up_cnt.eq(per_word)]
                             with m.Case(Op.RUN):
@@ -426,7 +431,8 @@ class Loader(wiring.Component):
 
     def _layer_word(self, m, hp, data, hdr, in_par, n, L, fail, div_h, div_w, cin_kk, n_out, howo, cin_hw,
                     ct, n_params, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j, wp_valid,
-                    wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, div_started, hc):
+                    wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, div_started, hc,
+                    const_mask):
         cfg = hp.config
         g = cfg.g
         with m.If(hdr[0]):
@@ -480,7 +486,8 @@ class Loader(wiring.Component):
             has_plan = data[4]
             ob = data[8:16]
             m.d.sync += [L.act_signed.eq(data[0]), L.raw.eq(data[1]), L.et.eq(et),
-                         L.has_plan.eq(has_plan), L.out_bits.eq(ob)]
+                         L.has_plan.eq(has_plan), L.out_bits.eq(ob),
+                         const_mask.eq(Mux(ob >= 24, (1 << 24) - 1, (1 << ob[:5]) - 1))]
             with m.If(hc["et_three"]):
                 fail(Err.BAD_VALUE, et)
             with m.Elif(hc["et_nonzero"] & (not cfg.has("early_term"))):
@@ -544,7 +551,7 @@ class Loader(wiring.Component):
 
     # -- LOAD_PLAN body ----------------------------------------------------------------------
 
-    def _plan_word(self, m, hp, data, hdr, n, L, fail, has_nn, q):
+    def _plan_word(self, m, hp, data, hdr, n, L, fail, has_nn, q, const_mask):
         cfg = hp.config
         with m.If(hdr[0]):
             hn = data[0]
@@ -570,7 +577,7 @@ class Loader(wiring.Component):
                 fail(Err.FEATURE, FEATURE_BITS["perforation"])
             with m.Elif((kind == 2) & ~has_nn):
                 fail(Err.BAD_VALUE, kind)
-            with m.Elif((kind == 1) & ~L.raw & (const > (1 << L.out_bits) - 1)):
+            with m.Elif((kind == 1) & ~L.raw & (const & ~const_mask).any()):
                 fail(Err.BAD_VALUE, const)
         with m.Else():
             nx, ny = data[0:16], data[16:32]
