@@ -14,8 +14,8 @@ from skipconv.sw.config import EngineConfig
 #: The smallest useful engine: one lane, every mechanism, small buffers.
 SMALL = EngineConfig(lanes=1, max_taps=64, max_ifmap=256, max_cout=4, max_ofmap=256, max_k=3,
                      max_p=2, trace=False)
-#: Below the ~41 MHz the gateware reaches today (docs/benchmarks.md, Boards), so the build
-#: meets its own clock.
+#: Well below the ~70 MHz this small build reaches today (docs/benchmarks.md, Boards), so the
+#: build meets its own clock.
 CLOCK_MHZ = 30.0
 
 
