@@ -431,9 +431,9 @@ class Loader(wiring.Component):
     # -- LOAD_LAYER body ---------------------------------------------------------------------
 
     def _layer_word(self, m, hp, data, hdr, in_par, n, L, fail, div_h, div_w, cin_kk, n_out,
-                    howo, cin_hw, ct, n_params, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j, wp_valid,
-                    wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, div_started, hc,
-                    const_mask):
+                    howo, cin_hw, ct, n_params, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy,
+                    pc, pc_j, wp_valid, wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row,
+                    div_started, hc, const_mask):
         cfg = hp.config
         g = cfg.g
         with m.If(hdr[0]):
