@@ -30,13 +30,10 @@ class Dispatcher(wiring.Component):
     req : In(lanes)
         PEs asking for a unit.
     grant : Out(lanes)
-        One-hot: this PE takes ``unit`` this cycle. Registered, with ``unit``: the choice is
-        made a cycle earlier, so no path runs from a PE's request through the arbiter back
-        into the PEs (at 8 lanes, two routes across the device). A PE is not chosen again
-        in the cycle it takes a unit, when its request does not yet count that unit.
+        One-hot: this PE takes ``unit`` this cycle.
     unit : Out(unit_layout)
     done : Out(1)
-        Every unit of the layer has been taken (low from ``start``).
+        Every unit of the layer has been handed out (low from ``start``).
     """
 
     def __init__(self, hp: HwParams):
@@ -45,19 +42,15 @@ class Dispatcher(wiring.Component):
             "start": In(1), "layer": In(layer_layout(hp)),
             "prm_addr": Out(hp.c_bits), "prm_data": In(param_layout(hp)),
             "req": In(hp.lanes), "grant": Out(hp.lanes),
-            "unit": Out(unit_layout(hp)), "done": Out(1),
+            "unit": Out(unit_layout(hp)), "done": Out(1, init=1),
         })
 
     def elaborate(self, platform):
         m = Module()
         hp = self._hp
         L = self.layer
-        u = Signal(unit_layout(hp))        # the next unit, handed out registered
+        u = self.unit
         m.submodules.rr = rr = RoundRobin(hp.lanes)
-        granted = Signal(hp.lanes)
-        handed_all = Signal(init=1)
-        m.d.comb += [self.grant.eq(granted), self.done.eq(handed_all & ~granted.any())]
-        m.d.sync += granted.eq(0)
 
         zp = Signal()
         th = Signal(4)
@@ -92,7 +85,7 @@ class Dispatcher(wiring.Component):
         with m.FSM(name="dispatch"):
             with m.State("IDLE"):
                 with m.If(self.start):
-                    m.d.sync += [handed_all.eq(0), zp.eq(L.p != 0)]
+                    m.d.sync += [self.done.eq(0), zp.eq(L.p != 0)]
                     m.next = "SETUP"
             with m.State("SETUP"):
                 m.d.sync += [
@@ -112,9 +105,9 @@ class Dispatcher(wiring.Component):
             with m.State("FETCH"):          # parameter read of channel c
                 m.next = "GEN"
             with m.State("GEN"):
-                m.d.comb += [rr.req.eq(self.req & ~granted), rr.advance.eq(1)]
+                m.d.comb += [rr.req.eq(self.req), self.grant.eq(rr.grant), rr.advance.eq(1)]
                 with m.If(rr.valid):
-                    m.d.sync += [granted.eq(rr.grant), self.unit.eq(u), widx.eq(widx + 1)]
+                    m.d.sync += widx.eq(widx + 1)
                     with m.If(x0 + tw < L.wo):
                         m.d.sync += [x0.eq(x0 + tw), x0s.eq(x0s + tws)]
                     with m.Else():
@@ -128,7 +121,7 @@ class Dispatcher(wiring.Component):
                                          rowaddr.eq(chbase + L.howo), row_iy0.eq(-L.pad),
                                          row_base.eq(p_w), wbase.eq(wbase + L.rows)]
                             with m.If(c + 1 == L.cout):
-                                m.d.sync += handed_all.eq(1)
+                                m.d.sync += self.done.eq(1)
                                 m.next = "IDLE"
                             with m.Else():
                                 m.next = "FETCH"
