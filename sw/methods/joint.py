@@ -21,6 +21,7 @@ then checked by golden execution on held-out images (:func:`check`).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,6 +129,8 @@ class JointResult:
     chosen: int = -1
     #: candidate configurations evaluated on the search images (the search's cost)
     evaluations: int = 0
+    #: why the search stopped: "no_move", "val_stop", "max_rounds" or "max_seconds"
+    stop: str = ""
 
 
 OBJECTIVES = ("nll", "margin")
@@ -139,7 +142,7 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
              max_jump: int = 2, max_rounds: int = 200, methods=METHODS,
              objective: str = "nll", val: NetEval | None = None, val_margin: float = 0.5,
              val_stop: float = 1.0, lazy_k: int | None = None, full_every: int = 10,
-             progress: bool = True) -> JointResult:
+             max_seconds: float | None = None, progress: bool = True) -> JointResult:
     """Greedy joint configuration within ``eps * margin`` top-1 drop on ``ev``'s images.
 
     Each round takes the move with the most saved MACs per rise of the ``objective`` on
@@ -164,6 +167,9 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
     (:func:`lazy_moves`): a round evaluates the moves never evaluated and the ``lazy_k`` best
     by their last score; moves that broke the budget stay out; every ``full_every`` rounds
     (0: never), and before stopping, a full round evaluates them all again.
+
+    ``max_seconds``: no new round starts after that much wall time (a deadline; the back-off
+    then chooses along the trajectory so far). :attr:`JointResult.stop` says why it stopped.
     """
     from tqdm import tqdm
 
@@ -211,7 +217,12 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
                 best = (score, move, new, a, n, s, ml)
         return best
 
+    t_start = time.monotonic()
+    stop = "max_rounds"
     for _ in range(max_rounds):
+        if max_seconds is not None and time.monotonic() - t_start > max_seconds:
+            stop = "max_seconds"
+            break
         moves = []
         for i, st in states.items():
             for m in methods:
@@ -223,6 +234,7 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
                         new[i][m] = st[m] + j
                         moves.append(((i, m, st[m] + j), new))
         if not moves:
+            stop = "no_move"
             break
         full = (lazy_k is None or since_full is None
                 or (full_every and since_full + 1 >= full_every))
@@ -235,6 +247,7 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
             best = evaluate([mv for mv in moves if mv[0] not in done])
         since_full = 0 if full else since_full + 1
         if best is None:
+            stop = "no_move"
             break
         _, move, states, acc, nll, saved, mloss = best
         # The moved ladder now starts from another rung: its moves are new ones.
@@ -249,6 +262,7 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
             post["val_drop"] = f"{drop:.3f}"
             bar.set_postfix(**post)
             if drop > eps * val_stop + 1e-12:
+                stop = "val_stop"
                 break
         else:
             bar.set_postfix(**post)
@@ -261,7 +275,7 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
     plan = _plan(ev, lad, states)
     validate_plan(plan, ev.layers, ev.g)
     return JointResult(plan=plan, states=states, history=history, val=val_hist, chosen=chosen,
-                       evaluations=evaluations[0])
+                       evaluations=evaluations[0], stop=stop)
 
 
 def lazy_moves(moves: list, scores: dict, k: int) -> list:

@@ -172,14 +172,16 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
                              objective=objective, val=ev, val_margin=val_margin,
                              val_stop=float(options.get("val_stop", 1.5)),
                              lazy_k=_lazy_k(options.get("lazy_k", JOINT_LAZY_K)),
-                             full_every=int(options.get("full_every", JOINT_FULL_EVERY)))
+                             full_every=int(options.get("full_every", JOINT_FULL_EVERY)),
+                             max_seconds=_seconds(options.get("max_seconds")))
         plan = res.plan
         dense_macs = ev_r.base.total["dense"]          # the search counts its own images
         trajectory += [(str(m), s / dense_macs, ev.base.acc - v["drop"])
                        for (m, _, _, s), v in zip(res.history, res.val)]
         info.update(states={str(k): v for k, v in res.states.items()}, search_set=kind,
                     search_images=len(ev_r), search_acc_dense=ev_r.base.acc,
-                    search_objective=objective, evaluations=res.evaluations,
+                    search_objective=objective, evaluations=res.evaluations, stop=res.stop,
+                    max_seconds=_seconds(options.get("max_seconds")),
                     lazy_k=_lazy_k(options.get("lazy_k", JOINT_LAZY_K)),
                     full_every=int(options.get("full_every", JOINT_FULL_EVERY)),
                     val_budget=eps * val_margin, chosen_step=res.chosen,
@@ -219,6 +221,10 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
 def _lazy_k(v):
     """``lazy_k`` option: a count, or ``None`` / 0 / "full" for every round full."""
     return None if v in (None, 0, "0", "full", "none") else int(v)
+
+
+def _seconds(v):
+    return None if v is None else float(v)
 
 
 def _json_default(o):
