@@ -27,6 +27,12 @@ def add_arguments(parser):
     parser.add_argument("--test", type=int, default=None, help="first N test images")
     parser.add_argument("--methods", default=",".join(SINGLE + ("joint",)),
                         help="comma-separated methods to run")
+    parser.add_argument("--joint-lazy", default=None,
+                        help="joint search: moves re-checked per lazy round (default "
+                             "methods.run.JOINT_LAZY_K; 'full': every round evaluates all)")
+    parser.add_argument("--joint-max-seconds", type=float, default=None,
+                        help="joint search: start no round after this many seconds (a "
+                             "deadline; default none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -46,14 +52,22 @@ def run(args) -> dict:
             loaded = load_network(model, progress=not args.quiet)
             res = {}
             for method in methods:
+                opts = None
+                if method == "joint":
+                    opts = {k: v for k, v in (("lazy_k", args.joint_lazy),
+                                              ("max_seconds", args.joint_max_seconds))
+                            if v is not None}
                 s = optimize_model(model, method, eps, out / model / method, executor=ex,
                                    calib_n=args.calib, test_n=args.test, loaded=loaded,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, options=opts)
                 t = s["test"]
                 res[method] = {"mac_reduction_at_eps1": round(t["mac_reduction"], 4),
                                "acc": round(t["acc"], 4), "acc_dense": round(t["acc_dense"], 4),
                                "drop_points": round(100 * t["drop"], 2),
                                "within_eps": t["within_eps"], "seconds": s["seconds"]}
+                if method == "joint":
+                    res[method]["evaluations"] = s["info"].get("evaluations")
+                    res[method]["stop"] = s["info"].get("stop")
             if "velcro" in methods:
                 s = optimize_model(model, "velcro", 0.0, out / model / "velcro_specialized",
                                    executor=ex, calib_n=args.calib, test_n=args.test,

@@ -190,3 +190,45 @@ def test_perforation_finetune_recovers_the_perforated_network(lenet):
         plan = {i: perforation.apply(L, ladders[i][1]) for i, L in enumerate(ev.layers)}
         nll.append(ev.run(plan).nll)
     assert nll[1] < 0.7 * nll[0], nll
+
+
+def test_lazy_moves_keeps_new_and_best_known_moves_and_drops_broken_ones():
+    moves = [((0, "et", 1), "a"), ((0, "et", 2), "b"), ((1, "zp", 1), "c"),
+             ((1, "perf", 1), "d"), ((2, "velcro", 1), "e")]
+    scores = {(0, "et", 1): 5.0, (0, "et", 2): None, (1, "zp", 1): 1.0, (1, "perf", 1): 9.0}
+    picked = [mv for mv, _ in joint.lazy_moves(moves, scores, 1)]
+    # (2, velcro, 1) was never evaluated; (1, perf, 1) has the best last score; (0, et, 2)
+    # broke the budget and stays out.
+    assert picked == [(2, "velcro", 1), (1, "perf", 1)]
+    assert [mv for mv, _ in joint.lazy_moves(moves, scores, 3)] == [
+        (2, "velcro", 1), (1, "perf", 1), (0, "et", 1), (1, "zp", 1)]
+
+
+def test_lazy_joint_search_evaluates_fewer_candidates_within_the_same_guards(lenet):
+    model, net, splits = lenet
+    eps = 0.01
+    ev = _ev(net, splits["calib"], 150)
+    lad = joint.build_ladders(ev, model=model, zp_windows=(2, 3), velcro_steps=(0.1, 0.2, 0.3),
+                              perf_rates=(0.2, 0.4), tolerances=(0.0, 0.01, 0.04))
+    kw = dict(ladders=lad, max_jump=1, max_rounds=8, progress=False)
+    full = joint.optimize(ev, eps, **kw)
+    lazy = joint.optimize(ev, eps, lazy_k=1, full_every=0, **kw)
+    assert lazy.evaluations < full.evaluations
+    assert lazy.stop in ("no_move", "max_rounds")
+    # The first round is full in both, so both take the same first move.
+    assert lazy.history[1][0] == full.history[1][0]
+    for _, acc, nll, saved in lazy.history[1:]:
+        assert ev.base.acc - acc <= eps * 0.25 + 1e-12       # optimize's default margin
+        assert nll - ev.base.nll <= 0.03 + 1e-12              # and NLL cap
+    r = ev.run(lazy.plan)
+    assert r.saved == lazy.history[lazy.chosen][3] > 0
+
+
+def test_joint_search_starts_no_round_past_max_seconds(lenet):
+    model, net, splits = lenet
+    ev = _ev(net, splits["calib"], 60)
+    lad = joint.build_ladders(ev, model=model, zp_windows=(2,), velcro_steps=(0.1,),
+                              perf_rates=(0.2,), tolerances=(0.0, 0.04))
+    res = joint.optimize(ev, 0.01, ladders=lad, max_jump=1, max_seconds=0.0, progress=False)
+    assert res.stop == "max_seconds" and res.evaluations == 0
+    assert [h[0] for h in res.history] == ["floor"] and res.chosen == 0

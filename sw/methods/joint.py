@@ -21,6 +21,7 @@ then checked by golden execution on held-out images (:func:`check`).
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,7 +31,8 @@ from . import perforation, snapea, velcro, zero_pred
 from .common import NetEval, golden_eval, validate_plan
 from .executor import Executor, SerialExecutor
 
-__all__ = ["Ladders", "build_ladders", "compose", "optimize", "check", "JointResult"]
+__all__ = ["Ladders", "build_ladders", "compose", "optimize", "lazy_moves", "check",
+           "JointResult"]
 
 ZP_WINDOWS = (2, 3, 4)
 VELCRO_STEPS = tuple(round(0.05 * k, 2) for k in range(1, 19))
@@ -125,6 +127,10 @@ class JointResult:
     val: list = field(default_factory=list)
     #: index in ``history`` of the returned configuration (after the validation back-off)
     chosen: int = -1
+    #: candidate configurations evaluated on the search images (the search's cost)
+    evaluations: int = 0
+    #: why the search stopped: "no_move", "val_stop", "max_rounds" or "max_seconds"
+    stop: str = ""
 
 
 OBJECTIVES = ("nll", "margin")
@@ -135,7 +141,8 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
              executor: Executor | None = None, ladders: Ladders | None = None,
              max_jump: int = 2, max_rounds: int = 200, methods=METHODS,
              objective: str = "nll", val: NetEval | None = None, val_margin: float = 0.5,
-             val_stop: float = 1.0, progress: bool = True) -> JointResult:
+             val_stop: float = 1.0, lazy_k: int | None = None, full_every: int = 10,
+             max_seconds: float | None = None, progress: bool = True) -> JointResult:
     """Greedy joint configuration within ``eps * margin`` top-1 drop on ``ev``'s images.
 
     Each round takes the move with the most saved MACs per rise of the ``objective`` on
@@ -155,6 +162,14 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
     on test: 500 images are too few to steer this many moves. ``skipconv optimize`` searches
     on the training images with ``objective="margin"`` and backs off on the calibration
     images (:func:`skipconv.sw.methods.run.optimize_model`).
+
+    ``lazy_k`` (``None``: every round evaluates every move) makes the search lazy greedy
+    (:func:`lazy_moves`): a round evaluates the moves never evaluated and the ``lazy_k`` best
+    by their last score; moves that broke the budget stay out; every ``full_every`` rounds
+    (0: never), and before stopping, a full round evaluates them all again.
+
+    ``max_seconds``: no new round starts after that much wall time (a deadline; the back-off
+    then chooses along the trajectory so far). :attr:`JointResult.stop` says why it stopped.
     """
     from tqdm import tqdm
 
@@ -181,7 +196,33 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
         validate(states)
     ctx = (ev, lad)
     bar = tqdm(total=max_rounds, desc="joint", disable=not progress, leave=False)
+    scores = {}         # move -> score at its last evaluation (None: broke the budget)
+    since_full = None   # rounds since the last full round (None: none yet)
+    evaluations = [0]
+
+    def evaluate(moves):
+        evaluations[0] += len(moves)
+        res = executor.map(_joint_task, ctx, [s for _, s in moves])
+        best = None
+        current = cost(nll, mloss)
+        for (move, new), (a, n, s, ml) in zip(moves, res):
+            scores[move] = None
+            if base.acc - a > budget + 1e-12 or s <= saved:
+                continue
+            if nll_cap is not None and n - base.nll > nll_cap:
+                continue
+            score = (s - saved) / max(cost(n, ml) - current, 1e-4)
+            scores[move] = score
+            if best is None or score > best[0]:
+                best = (score, move, new, a, n, s, ml)
+        return best
+
+    t_start = time.monotonic()
+    stop = "max_rounds"
     for _ in range(max_rounds):
+        if max_seconds is not None and time.monotonic() - t_start > max_seconds:
+            stop = "max_seconds"
+            break
         moves = []
         for i, st in states.items():
             for m in methods:
@@ -193,21 +234,25 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
                         new[i][m] = st[m] + j
                         moves.append(((i, m, st[m] + j), new))
         if not moves:
+            stop = "no_move"
             break
-        res = executor.map(_joint_task, ctx, [s for _, s in moves])
-        best = None
-        current = cost(nll, mloss)
-        for (move, new), (a, n, s, ml) in zip(moves, res):
-            if base.acc - a > budget + 1e-12 or s <= saved:
-                continue
-            if nll_cap is not None and n - base.nll > nll_cap:
-                continue
-            score = (s - saved) / max(cost(n, ml) - current, 1e-4)
-            if best is None or score > best[0]:
-                best = (score, move, new, a, n, s, ml)
+        full = (lazy_k is None or since_full is None
+                or (full_every and since_full + 1 >= full_every))
+        picked = moves if full else lazy_moves(moves, scores, lazy_k)
+        best = evaluate(picked)
+        if best is None and not full:
+            # Nothing acceptable among the re-checked moves: only a full round may stop.
+            full = True
+            done = {mv for mv, _ in picked}
+            best = evaluate([mv for mv in moves if mv[0] not in done])
+        since_full = 0 if full else since_full + 1
         if best is None:
+            stop = "no_move"
             break
         _, move, states, acc, nll, saved, mloss = best
+        # The moved ladder now starts from another rung: its moves are new ones.
+        for key in [k for k in scores if k[:2] == move[:2]]:
+            del scores[key]
         history.append((move, acc, nll, saved))
         trail.append(states)
         bar.update(1)
@@ -217,6 +262,7 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
             post["val_drop"] = f"{drop:.3f}"
             bar.set_postfix(**post)
             if drop > eps * val_stop + 1e-12:
+                stop = "val_stop"
                 break
         else:
             bar.set_postfix(**post)
@@ -228,7 +274,20 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
     states = trail[chosen]
     plan = _plan(ev, lad, states)
     validate_plan(plan, ev.layers, ev.g)
-    return JointResult(plan=plan, states=states, history=history, val=val_hist, chosen=chosen)
+    return JointResult(plan=plan, states=states, history=history, val=val_hist, chosen=chosen,
+                       evaluations=evaluations[0], stop=stop)
+
+
+def lazy_moves(moves: list, scores: dict, k: int) -> list:
+    """The moves a lazy round evaluates: those without a score (never evaluated, or on a
+    ladder that moved since) and the ``k`` best by their last score; moves whose last
+    evaluation broke the budget (score ``None``) are left out until a full round. Greedy
+    configurations only grow, so a move that broke the budget rarely fits again, and one
+    accepted move elsewhere changes the other moves' scores little (re-checked before use)."""
+    fresh = [mv for mv in moves if mv[0] not in scores]
+    known = sorted((mv for mv in moves if scores.get(mv[0]) is not None),
+                   key=lambda mv: -scores[mv[0]])
+    return fresh + known[:k]
 
 
 def check(net, plan: dict, x, y, eps: float, g: int = 1, *, progress: bool = True) -> dict:

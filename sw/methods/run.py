@@ -45,6 +45,12 @@ AUGMENT_SEED = 1
 #: guard only rules out moves that wreck them, and the calibration back-off decides how far
 #: to go.
 AUGMENTED_MARGIN = 3.0
+#: Lazy greedy (``joint.optimize``'s ``lazy_k`` / ``full_every``): a round re-evaluates the
+#: new moves and the 4 best by their last score, a full round every 10 rounds and before
+#: stopping. A full round costs ~40 evaluations on vgg_small (~10 s each, 1,000 images):
+#: every round full made the zoo's joint search take hours single-worker.
+JOINT_LAZY_K = 4
+JOINT_FULL_EVERY = 10
 
 
 def _np(a):
@@ -164,14 +170,20 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
         res = joint.optimize(ev_r, eps, model=model, executor=executor, progress=progress,
                              ladders=lad, margin=margin, nll_cap=None,
                              objective=objective, val=ev, val_margin=val_margin,
-                             val_stop=float(options.get("val_stop", 1.5)))
+                             val_stop=float(options.get("val_stop", 1.5)),
+                             lazy_k=_lazy_k(options.get("lazy_k", JOINT_LAZY_K)),
+                             full_every=int(options.get("full_every", JOINT_FULL_EVERY)),
+                             max_seconds=_seconds(options.get("max_seconds")))
         plan = res.plan
         dense_macs = ev_r.base.total["dense"]          # the search counts its own images
         trajectory += [(str(m), s / dense_macs, ev.base.acc - v["drop"])
                        for (m, _, _, s), v in zip(res.history, res.val)]
         info.update(states={str(k): v for k, v in res.states.items()}, search_set=kind,
                     search_images=len(ev_r), search_acc_dense=ev_r.base.acc,
-                    search_objective=objective,
+                    search_objective=objective, evaluations=res.evaluations, stop=res.stop,
+                    max_seconds=_seconds(options.get("max_seconds")),
+                    lazy_k=_lazy_k(options.get("lazy_k", JOINT_LAZY_K)),
+                    full_every=int(options.get("full_every", JOINT_FULL_EVERY)),
                     val_budget=eps * val_margin, chosen_step=res.chosen,
                     steps=len(res.history) - 1,
                     search_drops=[ev_r.base.acc - a for _, a, _, _ in res.history],
@@ -204,6 +216,15 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
     atomic_write_bytes(out / "summary.json",
                        json.dumps(summary, indent=2, default=_json_default).encode())
     return summary
+
+
+def _lazy_k(v):
+    """``lazy_k`` option: a count, or ``None`` / 0 / "full" for every round full."""
+    return None if v in (None, 0, "0", "full", "none") else int(v)
+
+
+def _seconds(v):
+    return None if v is None else float(v)
 
 
 def _json_default(o):
