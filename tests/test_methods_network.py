@@ -105,12 +105,17 @@ def test_diagonal_zero_prediction_reproduces_the_papers_trend(lenet):
     assert all(st[p].mac_reduction > 0 for p in st)
 
 
+def _small_ladders(ev, model):
+    """A few rungs per method: joint searches that run in seconds."""
+    return joint.build_ladders(ev, model=model, zp_windows=(2, 3), velcro_steps=(0.1, 0.2, 0.3),
+                               perf_rates=(0.2, 0.4), tolerances=(0.0, 0.01, 0.04))
+
+
 def test_joint_configuration_respects_eps_on_the_test_split(lenet):
     model, net, splits = lenet
     eps = 0.01
     ev = _ev(net, splits["calib"], 200)
-    lad = joint.build_ladders(ev, model=model, zp_windows=(2, 3), velcro_steps=(0.1, 0.2, 0.3),
-                              perf_rates=(0.2, 0.4), tolerances=(0.0, 0.01, 0.04))
+    lad = _small_ladders(ev, model)
     res = joint.optimize(ev, eps, ladders=lad, max_jump=1, max_rounds=5, progress=False)
     used = set().union(*(L.features for L in res.plan.values()))
     assert len(used) >= 2, used
@@ -208,8 +213,7 @@ def test_lazy_joint_search_evaluates_fewer_candidates_within_the_same_guards(len
     model, net, splits = lenet
     eps = 0.01
     ev = _ev(net, splits["calib"], 150)
-    lad = joint.build_ladders(ev, model=model, zp_windows=(2, 3), velcro_steps=(0.1, 0.2, 0.3),
-                              perf_rates=(0.2, 0.4), tolerances=(0.0, 0.01, 0.04))
+    lad = _small_ladders(ev, model)
     kw = dict(ladders=lad, max_jump=1, max_rounds=8, progress=False)
     full = joint.optimize(ev, eps, **kw)
     lazy = joint.optimize(ev, eps, lazy_k=1, full_every=0, **kw)
