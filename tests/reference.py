@@ -16,20 +16,20 @@ def q(acc, M, sh, out_bits):
     return min((acc * M + r) >> sh, (1 << out_bits) - 1)
 
 
+def tap_term(L, x, c, y, xx, tap):
+    """Weight times input of one tap at one position (0 in the padding)."""
+    k, s, pad = L.k, L.stride, L.pad
+    _, h, w = x.shape
+    ci, rem = divmod(int(tap), k * k)
+    ky, kx = divmod(rem, k)
+    iy, ix = y * s + ky - pad, xx * s + kx - pad
+    xv = int(x[ci, iy, ix]) if 0 <= iy < h and 0 <= ix < w else 0
+    return int(L.w[c, ci, ky, kx]) * xv
+
+
 def position(L, x, c, y, xx, g):
     """Return (value if computed, taps performed e, stopped_before_end) for one position."""
-    k, s, pad = L.k, L.stride, L.pad
-    cin = L.cin
-    t = cin * k * k
-    _, h, w = x.shape
-
-    def tap_term(tap):
-        ci, rem = divmod(int(tap), k * k)
-        ky, kx = divmod(rem, k)
-        iy, ix = y * s + ky - pad, xx * s + kx - pad
-        xv = int(x[ci, iy, ix]) if 0 <= iy < h and 0 <= ix < w else 0
-        return int(L.w[c, ci, ky, kx]) * xv
-
+    t = L.cin * L.k * L.k
     psum = int(L.b[c])
     e = 0
     order = [int(v) for v in L.order[c]]
@@ -42,7 +42,7 @@ def position(L, x, c, y, xx, g):
             break
         step = min(g, t - e)
         for j in range(e, e + step):
-            psum += tap_term(order[j])
+            psum += tap_term(L, x, c, y, xx, order[j])
         e += step
     if L.raw:
         return min(max(psum, 0), (1 << 31) - 1), t, False
@@ -51,16 +51,7 @@ def position(L, x, c, y, xx, g):
 
 def partial_sum(L, x, c, y, xx, e):
     """The bias plus the first ``e`` taps of ``L.order[c]`` at one position."""
-    k, s, pad = L.k, L.stride, L.pad
-    _, h, w = x.shape
-    psum = int(L.b[c])
-    for tap in L.order[c][:e]:
-        ci, rem = divmod(int(tap), k * k)
-        ky, kx = divmod(rem, k)
-        iy, ix = y * s + ky - pad, xx * s + kx - pad
-        if 0 <= iy < h and 0 <= ix < w:
-            psum += int(L.w[c, ci, ky, kx]) * int(x[ci, iy, ix])
-    return psum
+    return int(L.b[c]) + sum(tap_term(L, x, c, y, xx, tap) for tap in L.order[c][:e])
 
 
 def run(layer, x, g=1):

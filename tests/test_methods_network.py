@@ -236,3 +236,16 @@ def test_joint_search_starts_no_round_past_max_seconds(lenet):
     res = joint.optimize(ev, 0.01, ladders=lad, max_jump=1, max_seconds=0.0, progress=False)
     assert res.stop == "max_seconds" and res.evaluations == 0
     assert [h[0] for h in res.history] == ["floor"] and res.chosen == 0
+
+
+def test_joint_search_options_are_checked_by_name():
+    from skipconv.sw.methods import run
+
+    assert run._lazy_k("full") is None and run._lazy_k("3") == 3
+    with pytest.raises(ValueError, match="lazy_k = 'many'"):
+        run._lazy_k("many")
+    with pytest.raises(ValueError, match="lazy_k = -2"):
+        run._lazy_k(-2)
+    assert run._seconds("90") == 90.0
+    with pytest.raises(ValueError, match="max_seconds = 'soon'"):
+        run._seconds("soon")

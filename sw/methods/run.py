@@ -167,13 +167,13 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
             objective, margin = "nll", float(options.get("margin", AUGMENTED_MARGIN))
         else:
             ev_r, objective, margin = ev_s, "margin", float(options.get("margin", 0.25))
+        lazy = {"lazy_k": _lazy_k(options.get("lazy_k", JOINT_LAZY_K)),
+                "full_every": int(options.get("full_every", JOINT_FULL_EVERY)),
+                "max_seconds": _seconds(options.get("max_seconds"))}
         res = joint.optimize(ev_r, eps, model=model, executor=executor, progress=progress,
                              ladders=lad, margin=margin, nll_cap=None,
                              objective=objective, val=ev, val_margin=val_margin,
-                             val_stop=float(options.get("val_stop", 1.5)),
-                             lazy_k=_lazy_k(options.get("lazy_k", JOINT_LAZY_K)),
-                             full_every=int(options.get("full_every", JOINT_FULL_EVERY)),
-                             max_seconds=_seconds(options.get("max_seconds")))
+                             val_stop=float(options.get("val_stop", 1.5)), **lazy)
         plan = res.plan
         dense_macs = ev_r.base.total["dense"]          # the search counts its own images
         trajectory += [(str(m), s / dense_macs, ev.base.acc - v["drop"])
@@ -181,9 +181,7 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
         info.update(states={str(k): v for k, v in res.states.items()}, search_set=kind,
                     search_images=len(ev_r), search_acc_dense=ev_r.base.acc,
                     search_objective=objective, evaluations=res.evaluations, stop=res.stop,
-                    max_seconds=_seconds(options.get("max_seconds")),
-                    lazy_k=_lazy_k(options.get("lazy_k", JOINT_LAZY_K)),
-                    full_every=int(options.get("full_every", JOINT_FULL_EVERY)),
+                    **lazy,
                     val_budget=eps * val_margin, chosen_step=res.chosen,
                     steps=len(res.history) - 1,
                     search_drops=[ev_r.base.acc - a for _, a, _, _ in res.history],
@@ -220,11 +218,28 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
 
 def _lazy_k(v):
     """``lazy_k`` option: a count, or ``None`` / 0 / "full" for every round full."""
-    return None if v in (None, 0, "0", "full", "none") else int(v)
+    if v in (None, 0, "0", "full", "none"):
+        return None
+    try:
+        k = int(v)
+    except (TypeError, ValueError):
+        k = -1
+    if k < 1:
+        raise ValueError(f"lazy_k = {v!r}: must be a count >= 1, or 'full' (every round full)")
+    return k
 
 
 def _seconds(v):
-    return None if v is None else float(v)
+    """``max_seconds`` option: a positive deadline in seconds, or ``None``."""
+    if v is None:
+        return None
+    try:
+        t = float(v)
+    except (TypeError, ValueError):
+        t = -1.0
+    if not t > 0:
+        raise ValueError(f"max_seconds = {v!r}: must be a number of seconds > 0")
+    return t
 
 
 def _json_default(o):
