@@ -86,20 +86,37 @@ class Responder(wiring.Component):
         trace = Signal()
         trace_pass = Signal()
         seq = Signal(5)
+        prod_ok = Signal()
 
-        # counters (accumulated on the OFMAP pass)
+        # counters (accumulated on the OFMAP pass): positions by outcome and the MACs
+        # performed. Each reason's saved MACs are its position count times T (early
+        # termination: computed and stopped positions times T, less the MACs performed),
+        # formed at readout by one registered multiplier instead of a wide accumulator
+        # per reason that adds on every position.
         names = ("dense", "performed", "velcro", "perforation", "zero_pred", "early_term")
-        # (as wide as a layer's counts can get, zero-extended to the reply's words)
-        macc = {k: Signal(hp.mac_bits, name=f"cnt_{k}") for k in names}
+        performed = Signal(hp.mac_bits)
         pos_names = ("computed", "stopped", "const", "copy", "predicted")
         pcnt = {k: Signal(hp.pos_bits, name=f"pos_{k}") for k in pos_names}
+        mul_n = Signal(hp.pos_bits + 1)
+        mul_p = Signal(hp.mac_bits + 1)
+        m.d.sync += mul_p.eq(mul_n * L.taps)
+        counted = {"dense": L.n_out[:hp.pos_bits], "velcro": pcnt["const"],
+                   "perforation": pcnt["copy"], "zero_pred": pcnt["predicted"],
+                   "early_term": pcnt["computed"] + pcnt["stopped"]}
+        mac_value = {k: mul_p for k in counted}
+        mac_value["performed"] = performed
+        mac_value["early_term"] = mul_p - performed
         counter_words = [self.cycles[:32], self.cycles[32:]]
         for k in names:
             wide = Signal(64, name=f"cnt64_{k}")
-            m.d.comb += wide.eq(macc[k])
+            m.d.comb += wide.eq(mac_value[k][:hp.mac_bits])
             counter_words += [wide[:32], wide[32:]]
         counter_words += [pcnt[k] for k in pos_names]
         assert len(counter_words) == COUNTER_WORDS
+        for idx, k in enumerate(names):
+            with m.If((seq >> 1) == idx + 1):           # words 2 + 2 * idx and the next
+                if k in counted:
+                    m.d.comb += mul_n.eq(counted[k])
 
         # output packing
         per_word = Signal(3)               # items per word: 1, 2 or 4
@@ -244,22 +261,10 @@ class Responder(wiring.Component):
             with m.Else():
                 m.d.sync += [pk.eq(word), pk_n.eq(pk_n + 1)]
             with m.If(~trace_pass):
-                m.d.sync += [
-                    macc["dense"].eq(macc["dense"] + T),
-                    macc["performed"].eq(macc["performed"] + macs),
-                ]
+                m.d.sync += performed.eq(performed + macs)
                 for idx, k in enumerate(pos_names):
                     with m.If(outcome == idx):
                         m.d.sync += pcnt[k].eq(pcnt[k] + 1)
-                with m.Switch(outcome):
-                    with m.Case(2):
-                        m.d.sync += macc["velcro"].eq(macc["velcro"] + T)
-                    with m.Case(3):
-                        m.d.sync += macc["perforation"].eq(macc["perforation"] + T)
-                    with m.Case(4):
-                        m.d.sync += macc["zero_pred"].eq(macc["zero_pred"] + T)
-                    with m.Case(1):
-                        m.d.sync += macc["early_term"].eq(macc["early_term"] + T - macs)
 
         def start_pass():
             m.d.sync += [issuing.eq(1), ro_c.eq(0), ro_y.eq(0), ro_x.eq(0), ro_pos.eq(0),
@@ -272,7 +277,7 @@ class Responder(wiring.Component):
             with m.State("IDLE"):
                 with m.If(self.run_start):
                     m.d.sync += [trace.eq(self.run_trace), seq.eq(0)]
-                    m.d.sync += [macc[k].eq(0) for k in names]
+                    m.d.sync += performed.eq(0)
                     m.d.sync += [pcnt[k].eq(0) for k in pos_names]
                     m.next = "COMPUTE"
                 with m.Elif(self.reply_req & room):
@@ -344,16 +349,19 @@ class Responder(wiring.Component):
                 m.d.comb += self.reading.eq(1)
                 with m.If(room):
                     put(COUNTER_WORDS)
-                    m.d.sync += seq.eq(0)
+                    m.d.sync += [seq.eq(0), prod_ok.eq(0)]
                     m.next = "CNT_BODY"
             with m.State("CNT_BODY"):
                 m.d.comb += self.reading.eq(1)
-                with m.If(room):
+                # a word waits one cycle after ``seq`` moved, for the product of its counter
+                with m.If(~prod_ok):
+                    m.d.sync += prod_ok.eq(1)
+                with m.Elif(room):
                     with m.Switch(seq):
                         for idx, wv in enumerate(counter_words):
                             with m.Case(idx):
                                 put(wv, idx == COUNTER_WORDS - 1)
-                    m.d.sync += seq.eq(seq + 1)
+                    m.d.sync += [seq.eq(seq + 1), prod_ok.eq(0)]
                     with m.If(seq == COUNTER_WORDS - 1):
                         m.d.comb += self.run_done.eq(1)
                         m.next = "IDLE"
