@@ -36,7 +36,9 @@ def param_layout(hp: HwParams):
 #: parameters up by channel in the ring instead of carrying them with every position.
 PARAM_READERS = {
     "dispatch": ("bias", "stop0"),
-    "pe": ("neg_start", "spec", "th"),          # a replica in every PE (early termination)
+    "pe": ("th",),          # a replica in every PE (early termination; the check points
+                            # are flags of the weight rows, see weight_layout)
+    "loader": ("neg_start", "spec"),    # the loader's, to set those flags (early termination)
     "writer": ("m", "sh"),
     "responder": ("stop0",),
 }
@@ -49,11 +51,18 @@ def reader_param_layout(hp: HwParams, reader: str):
 
 
 def weight_layout(hp: HwParams):
-    """One tap of a channel, decoded at load time: weight, ifmap offset and kernel position."""
-    return data.StructLayout({
-        "w": signed(hp.config.weight_bits), "off": hp.ifa_bits, "ky": hp.k_bits,
-        "kx": hp.k_bits,
-    })
+    """One tap of a channel, decoded at load time: weight, ifmap offset and kernel position.
+
+    With early termination, every tap of a weight row also carries the row's check points
+    (the PE reads lane 0's), decided by the loader from the channel's ``neg_start`` and
+    ``spec`` and the tap count ``e`` after the row: ``neg`` = ``e >= neg_start``, ``spec`` =
+    ``e == spec``. The PEs then compare nothing per round.
+    """
+    fields = {"w": signed(hp.config.weight_bits), "off": hp.ifa_bits, "ky": hp.k_bits,
+              "kx": hp.k_bits}
+    if hp.config.has("early_term"):
+        fields |= {"neg": 1, "spec": 1}
+    return data.StructLayout(fields)
 
 
 def plan_layout():

@@ -17,8 +17,8 @@ from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
 from .divider import Divider
-from .layouts import (kind_layout, layer_layout, param_layout, plan_layout, weight_layout,
-                      write_bus)
+from .layouts import (kind_layout, layer_layout, param_layout, plan_layout,
+                      reader_param_layout, weight_layout, write_bus)
 from .multiplier import Multiplier
 from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op
 
@@ -202,6 +202,7 @@ class Loader(wiring.Component):
         wc_e = Signal(hp.tap_bits)            # tap within the channel
         wc_lane = Signal(len(self.wt.lane))
         wc_row = Signal(hp.row_bits)
+        wc_c = Signal(hp.c_bits)              # the weight's channel
 
         # -- ifmap unpacker ------------------------------------------------------------------
         up_word = Signal(32)
@@ -221,6 +222,28 @@ class Loader(wiring.Component):
         m.d.comb += [self.prm.addr.eq(pc_c), self.prm.data.eq(pc)]
         with m.If(self.prm.en):               # the entry is written the cycle after its last word
             m.d.sync += pc_c.eq(pc_c + 1)
+
+        # -- early-termination check points of each weight row (weight_layout) -------------
+        # The channel's neg_start and spec are kept here, written with its parameters, and
+        # turned into the row's two flags as its weights stream by (weights follow all
+        # parameters): one comparison here instead of one per PE and round.
+        if cfg.has("early_term"):
+            m.submodules.points = points = Memory(shape=reader_param_layout(hp, "loader"),
+                                                  depth=cfg.max_cout, init=[])
+            pt_w = points.write_port()
+            pt_r = points.read_port(domain="comb")
+            m.d.comb += [pt_w.addr.eq(pc_c), pt_w.en.eq(self.prm.en),
+                         pt_w.data.neg_start.eq(pc.neg_start), pt_w.data.spec.eq(pc.spec),
+                         pt_r.addr.eq(wc_c)]
+            row_e = Signal(hp.tap_bits + 1)   # tap count after the weight's row
+            m.d.comb += row_e.eq(wc_e - wc_lane + cfg.g)
+            e_after = Mux(row_e > L.taps, L.taps, row_e)
+            # registered with every word, used with the weight word's (wp_valid)
+            wp_neg = Signal()
+            wp_spec = Signal()
+            m.d.sync += [wp_neg.eq(e_after >= pt_r.data.neg_start),
+                         wp_spec.eq(e_after == pt_r.data.spec)]
+            m.d.comb += [self.wt.data.neg.eq(wp_neg), self.wt.data.spec.eq(wp_spec)]
 
         # -- plan / NN counters --------------------------------------------------------------
         has_nn = Signal()
@@ -303,7 +326,8 @@ class Loader(wiring.Component):
                     with m.Else():
                         m.next = "BODY"
                     m.d.sync += [up_addr.eq(0), q.eq(0), pc_j.eq(0), pc_c.eq(0), div_started.eq(0),
-                                 step.eq(0), wc_e.eq(0), wc_lane.eq(0), wc_row.eq(0)]
+                                 step.eq(0), wc_e.eq(0), wc_lane.eq(0), wc_row.eq(0),
+                                 wc_c.eq(0)]
 
             with m.State("BODY"):
                 ready = Signal()
@@ -367,7 +391,7 @@ class Loader(wiring.Component):
                                                  b_run, b_t,
                                                  b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j,
                                                  wp_valid, wp_w, wp_row, wp_lane, wc_e,
-                                                 wc_lane, wc_row, div_started, hc,
+                                                 wc_lane, wc_row, wc_c, div_started, hc,
                                                  const_mask)
                             with m.Case(Op.LOAD_PLAN):
                                 self._plan_word(m, hp, data, hdr, n, L, fail, has_nn, q,
@@ -432,7 +456,7 @@ class Loader(wiring.Component):
 
     def _layer_word(self, m, hp, data, hdr, in_par, n, L, fail, div_h, div_w, cin_kk, n_out,
                     howo, cin_hw, ct, n_params, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy,
-                    pc, pc_j, wp_valid, wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row,
+                    pc, pc_j, wp_valid, wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, wc_c,
                     div_started, hc, const_mask):
         cfg = hp.config
         g = cfg.g
@@ -542,7 +566,7 @@ class Loader(wiring.Component):
                          wp_lane.eq(wc_lane)]
             chan_end = wc_e == L.taps - 1
             with m.If(chan_end):
-                m.d.sync += [wc_e.eq(0), wc_lane.eq(0), wc_row.eq(wc_row + 1)]
+                m.d.sync += [wc_e.eq(0), wc_lane.eq(0), wc_row.eq(wc_row + 1), wc_c.eq(wc_c + 1)]
             with m.Elif(wc_lane == g - 1):
                 m.d.sync += [wc_e.eq(wc_e + 1), wc_lane.eq(0), wc_row.eq(wc_row + 1)]
             with m.Else():

@@ -116,12 +116,15 @@ class HwParams:
             "ifmap (per-PE, per-read-port replicas)": lanes * g * c.max_ifmap * c.act_bits,
             "tap table": c.max_taps * weight_layout(self).size,
             "channel parameters (per reader)": c.max_cout * sum(
-                reader_param_layout(self, r).size for r in PARAM_READERS if r != "pe"),
+                reader_param_layout(self, r).size for r in PARAM_READERS
+                if r not in ("pe", "loader")),
             "ofmap buffer": c.max_ofmap * ofmap_layout(self).size,
         }
         if c.has("early_term"):
-            bits["early-termination parameters (per-PE replicas)"] = (
+            bits["early-termination thresholds (per-PE replicas)"] = (
                 lanes * c.max_cout * reader_param_layout(self, "pe").size)
+            bits["early-termination check points (loader)"] = (
+                c.max_cout * reader_param_layout(self, "loader").size)
         if self.plan:
             bits["plan kinds (per-PE replicas)"] = lanes * c.max_ofmap * kind_layout().size
             bits["plan"] = c.max_ofmap * plan_layout().size

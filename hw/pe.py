@@ -31,12 +31,17 @@ COMPUTE, CONST = 0, 1
 
 def context_layout(hp: HwParams):
     """A position in flight in the ring."""
-    return data.StructLayout({
+    fields = {
         "valid": 1, "issued": 1, "lv": hp.g,          # lanes holding a real tap this round
         "c": hp.c_bits, "oaddr": hp.ofa_bits, "psum": signed(hp.acc_bits), "e": hp.tap_bits,
         "wrow": hp.row_bits, "leader": 1, "slot": hp.slot_bits,
         "iy0": signed(hp.coord_bits), "ix0": signed(hp.coord_bits), "base": signed(hp.base_bits),
-    })
+    }
+    if hp.config.has("early_term"):
+        # the last issued row's check points (the ring is a loop of registers: a field
+        # nobody reads is still never removed, so only where it is used)
+        fields |= {"neg": 1, "spec": 1}
+    return data.StructLayout(fields)
 
 
 class PE(wiring.Component):
@@ -52,7 +57,8 @@ class PE(wiring.Component):
     unit : In(unit_layout)
     wt, ifm, kind, prm : In(write buses)
         The loader's writes, shared by all replicas (``prm``: the channel's early-termination
-        parameters, looked up by channel in the ring).
+        threshold, looked up by channel in the ring; the check points come with the weight
+        rows).
     result : Out(stream of result_layout)
         Finished positions and window decisions, to the writer.
     fb_valid, fb_slot, fb_nz : In
@@ -355,6 +361,11 @@ class PE(wiring.Component):
             m.d.sync += [s3_addr[j].eq(c2.base + ent.off), s3_w[j].eq(ent.w),
                          s3_use[j].eq(inb & c2.issued & c2.lv[j])]
         m.d.sync += ctx[3].eq(c2)
+        if cfg.has("early_term"):
+            # a round that issued nothing (a retry) keeps the check points it had
+            row = wl(wrow[:ew])
+            with m.If(c2.issued):
+                m.d.sync += [ctx[3].neg.eq(row.neg), ctx[3].spec.eq(row.spec)]
 
         # stage 3: ifmap read
         s4_use = [Signal(name=f"s4_use{j}") for j in range(g)]
@@ -373,19 +384,19 @@ class PE(wiring.Component):
             m.d.sync += [s5_a[j].eq(Mux(s4_use[j], a, 0)), s5_w[j].eq(s4_w[j])]
         m.d.sync += ctx[5].eq(ctx[4])
 
-        # stage 4: the channel's early-termination parameters (read with stage 3's channel)
-        # decide which check this round's sum faces: "sum <= th" at the speculation point,
-        # "sum <= 0" once only non-positive weights remain, "sum <= max(th, 0)" when both
-        # apply. One bound x, so that stage 6 needs a single compare.
+        # stage 4: the row's check points and the channel's threshold (read with stage 3's
+        # channel) decide which check this round's sum faces: "sum <= th" at the speculation
+        # point, "sum <= 0" once only non-positive weights remain, "sum <= max(th, 0)" when
+        # both apply. One bound x, so that stage 6 needs a single compare.
         s5_check = Signal()                 # a rule of semantics.md section 4 applies
         s5_x = Signal(signed(32))           # its bound: th or 0
         if cfg.has("early_term"):
-            et = p_rd.data
+            th = p_rd.data.th
             m.d.comb += p_rd.addr.eq(ctx[3].c)
-            neg = ctx[4].e >= et.neg_start
-            at_spec = pred & (ctx[4].e == et.spec)
+            neg = ctx[4].neg
+            at_spec = pred & ctx[4].spec
             m.d.sync += [s5_check.eq(at_spec | (et_on & neg)),
-                         s5_x.eq(Mux(at_spec & ~(neg & (et.th < 0)), et.th, 0))]
+                         s5_x.eq(Mux(at_spec & ~(neg & (th < 0)), th, 0))]
 
         # stage 5: multiply (product registered); psum - x - 1 ahead of the add, so that
         # stage 6 gets "sum <= x" as the sign of a single add.
