@@ -161,7 +161,8 @@ class EngineConfig:
 PRESETS = {
     "default": EngineConfig(),
     "dense": EngineConfig(features=frozenset()),
-    # Small enough for an iCE40 UP5K (8 SB_MAC16, 30 EBR).
+    # The iCEBreaker build's engine: two lanes and small buffers. It does not fit an iCE40
+    # UP5K yet (5,280 logic cells, 8 SB_MAC16, 30 EBR; docs/boards.md, "Status and limits").
     "icebreaker": EngineConfig(lanes=2, max_taps=256, max_ifmap=2048, max_cout=16, trace=False,
                                max_ofmap=2048, max_k=5, max_p=2),
 }
