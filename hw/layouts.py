@@ -36,9 +36,9 @@ def param_layout(hp: HwParams):
 #: parameters up by channel in the ring instead of carrying them with every position.
 PARAM_READERS = {
     "dispatch": ("bias", "stop0"),
-    "pe": ("th",),          # a replica in every PE (early termination; the check points
-                            # are flags of the weight rows, see weight_layout)
-    "loader": ("neg_start", "spec"),    # the loader's, to set those flags (early termination)
+    "pe": ("spec", "th"),   # a replica in every PE (early termination; "only non-positive
+                            # weights remain" is a flag of the weight rows, weight_layout)
+    "loader": ("neg_start",),           # the loader's, to set that flag (early termination)
     "writer": ("m", "sh"),
     "responder": ("stop0",),
 }
@@ -53,15 +53,16 @@ def reader_param_layout(hp: HwParams, reader: str):
 def weight_layout(hp: HwParams):
     """One tap of a channel, decoded at load time: weight, ifmap offset and kernel position.
 
-    With early termination, every tap of a weight row also carries the row's check points
-    (the PE reads lane 0's), decided by the loader from the channel's ``neg_start`` and
-    ``spec`` and the tap count ``e`` after the row: ``neg`` = ``e >= neg_start``, ``spec`` =
-    ``e == spec``. The PEs then compare nothing per round.
+    With early termination, every tap of a weight row also carries ``neg``: only
+    non-positive weights remain after the row (``e >= neg_start`` for the tap count ``e``
+    after it; the PE reads lane 0's), decided once by the loader from the channel's
+    ``neg_start`` instead of by a compare in every PE and round. (The speculation point stays
+    a compare in the PE: one bit more per tap would cost block RAM where the entry just fits.)
     """
     fields = {"w": signed(hp.config.weight_bits), "off": hp.ifa_bits, "ky": hp.k_bits,
               "kx": hp.k_bits}
     if hp.config.has("early_term"):
-        fields |= {"neg": 1, "spec": 1}
+        fields |= {"neg": 1}
     return data.StructLayout(fields)
 
 

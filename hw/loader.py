@@ -223,27 +223,24 @@ class Loader(wiring.Component):
         with m.If(self.prm.en):               # the entry is written the cycle after its last word
             m.d.sync += pc_c.eq(pc_c + 1)
 
-        # -- early-termination check points of each weight row (weight_layout) -------------
-        # The channel's neg_start and spec are kept here, written with its parameters, and
-        # turned into the row's two flags as its weights stream by (weights follow all
-        # parameters): one comparison here instead of one per PE and round.
+        # -- early termination: each weight row's "only non-positive weights remain" --------
+        # The channel's neg_start is kept here, written with its parameters, and turned into
+        # the row's flag (weight_layout) as its weights stream by (weights follow all
+        # parameters): one compare here instead of one per PE and round.
         if cfg.has("early_term"):
             m.submodules.points = points = Memory(shape=reader_param_layout(hp, "loader"),
                                                   depth=cfg.max_cout, init=[])
             pt_w = points.write_port()
             pt_r = points.read_port(domain="comb")
             m.d.comb += [pt_w.addr.eq(pc_c), pt_w.en.eq(self.prm.en),
-                         pt_w.data.neg_start.eq(pc.neg_start), pt_w.data.spec.eq(pc.spec),
-                         pt_r.addr.eq(wc_c)]
+                         pt_w.data.neg_start.eq(pc.neg_start), pt_r.addr.eq(wc_c)]
             row_e = Signal(hp.tap_bits + 1)   # tap count after the weight's row
             m.d.comb += row_e.eq(wc_e - wc_lane + cfg.g)
             e_after = Mux(row_e > L.taps, L.taps, row_e)
             # registered with every word, used with the weight word's (wp_valid)
             wp_neg = Signal()
-            wp_spec = Signal()
-            m.d.sync += [wp_neg.eq(e_after >= pt_r.data.neg_start),
-                         wp_spec.eq(e_after == pt_r.data.spec)]
-            m.d.comb += [self.wt.data.neg.eq(wp_neg), self.wt.data.spec.eq(wp_spec)]
+            m.d.sync += wp_neg.eq(e_after >= pt_r.data.neg_start)
+            m.d.comb += self.wt.data.neg.eq(wp_neg)
 
         # -- plan / NN counters --------------------------------------------------------------
         has_nn = Signal()

@@ -121,9 +121,9 @@ class HwParams:
             "ofmap buffer": c.max_ofmap * ofmap_layout(self).size,
         }
         if c.has("early_term"):
-            bits["early-termination thresholds (per-PE replicas)"] = (
+            bits["early-termination spec and th (per-PE replicas)"] = (
                 lanes * c.max_cout * reader_param_layout(self, "pe").size)
-            bits["early-termination check points (loader)"] = (
+            bits["early-termination neg_start (loader)"] = (
                 c.max_cout * reader_param_layout(self, "loader").size)
         if self.plan:
             bits["plan kinds (per-PE replicas)"] = lanes * c.max_ofmap * kind_layout().size

@@ -38,9 +38,9 @@ def context_layout(hp: HwParams):
         "iy0": signed(hp.coord_bits), "ix0": signed(hp.coord_bits), "base": signed(hp.base_bits),
     }
     if hp.config.has("early_term"):
-        # the last issued row's check points (the ring is a loop of registers: a field
-        # nobody reads is still never removed, so only where it is used)
-        fields |= {"neg": 1, "spec": 1}
+        # the last issued row's "only non-positive weights remain" (the ring is a loop of
+        # registers: a field nobody reads is still never removed, so only where it is used)
+        fields |= {"neg": 1}
     return data.StructLayout(fields)
 
 
@@ -56,9 +56,9 @@ class PE(wiring.Component):
         ``unit`` is this PE's this cycle.
     unit : In(unit_layout)
     wt, ifm, kind, prm : In(write buses)
-        The loader's writes, shared by all replicas (``prm``: the channel's early-termination
-        threshold, looked up by channel in the ring; the check points come with the weight
-        rows).
+        The loader's writes, shared by all replicas (``prm``: the channel's speculation point
+        and threshold, looked up by channel in the ring; "only non-positive weights remain"
+        comes with the weight rows).
     result : Out(stream of result_layout)
         Finished positions and window decisions, to the writer.
     fb_valid, fb_slot, fb_nz : In
@@ -362,10 +362,9 @@ class PE(wiring.Component):
                          s3_use[j].eq(inb & c2.issued & c2.lv[j])]
         m.d.sync += ctx[3].eq(c2)
         if cfg.has("early_term"):
-            # a round that issued nothing (a retry) keeps the check points it had
-            row = wl(wrow[:ew])
+            # a round that issued nothing (a retry) keeps the flag it had
             with m.If(c2.issued):
-                m.d.sync += [ctx[3].neg.eq(row.neg), ctx[3].spec.eq(row.spec)]
+                m.d.sync += ctx[3].neg.eq(wl(wrow[:ew]).neg)
 
         # stage 3: ifmap read
         s4_use = [Signal(name=f"s4_use{j}") for j in range(g)]
@@ -384,7 +383,7 @@ class PE(wiring.Component):
             m.d.sync += [s5_a[j].eq(Mux(s4_use[j], a, 0)), s5_w[j].eq(s4_w[j])]
         m.d.sync += ctx[5].eq(ctx[4])
 
-        # stage 4: the row's check points and the channel's threshold (read with stage 3's
+        # stage 4: the row's flag and the channel's spec and th (read with stage 3's
         # channel) decide which check this round's sum faces: "sum <= th" at the speculation
         # point, "sum <= 0" once only non-positive weights remain, "sum <= max(th, 0)" when
         # both apply. One bound x, so that stage 6 needs a single compare.
@@ -394,7 +393,7 @@ class PE(wiring.Component):
             th = p_rd.data.th
             m.d.comb += p_rd.addr.eq(ctx[3].c)
             neg = ctx[4].neg
-            at_spec = pred & ctx[4].spec
+            at_spec = pred & (ctx[4].e == p_rd.data.spec)
             m.d.sync += [s5_check.eq(at_spec | (et_on & neg)),
                          s5_x.eq(Mux(at_spec & ~(neg & (th < 0)), th, 0))]
 

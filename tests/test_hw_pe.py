@@ -72,15 +72,15 @@ def test_pe_stops_where_the_rules_say(g, et):
             ctx.set(dut.wt, {"en": 1, "addr": e // g, "lane": e % g,
                              "data": {"w": int(L.w.ravel()[tap]), "off": ci * h * w + ky * w + kx,
                                       "ky": ky, "kx": kx,
-                                      "neg": int(row_e >= int(L.neg_start[0])),
-                                      "spec": int(row_e == int(L.spec[0]))}})
+                                      "neg": int(row_e >= int(L.neg_start[0]))}})
             await ctx.tick()
         ctx.set(dut.wt.en, 0)
         for i, v in enumerate(x.ravel()):
             ctx.set(dut.ifm, {"en": 1, "addr": i, "data": int(v)})
             await ctx.tick()
         ctx.set(dut.ifm.en, 0)
-        ctx.set(dut.prm, {"en": 1, "addr": 0, "data": {"th": int(L.th[0])}})
+        ctx.set(dut.prm, {"en": 1, "addr": 0, "data": {
+            "spec": int(L.spec[0]), "th": int(L.th[0])}})
         await ctx.tick()
         ctx.set(dut.prm.en, 0)
         ctx.set(dut.unit, {"c": 0, "bias": int(L.b[0]), "stop0": 0,
