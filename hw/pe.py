@@ -88,7 +88,14 @@ class PE(wiring.Component):
         hp = self._hp
         cfg = hp.config
         g = cfg.g
-        L = self.layer
+        # The loader's writes and the layer's header, registered on arrival: the loader then
+        # drives one register per PE, not every block RAM and compare of every replica
+        # across the device. (Both settle long before a run reads them.)
+        L = Signal(self.layer.shape())
+        wt, ifm, kind, prm = (Signal(bus.shape()) for bus in
+                              (self.wt, self.ifm, self.kind, self.prm))
+        m.d.sync += [L.eq(self.layer), wt.eq(self.wt), ifm.eq(self.ifm), kind.eq(self.kind),
+                     prm.eq(self.prm)]
         NS = hp.slots
         D = hp.depth
         wl = weight_layout(hp)
@@ -98,29 +105,29 @@ class PE(wiring.Component):
         m.submodules.wmem = wmem = Memory(shape=ew * g, depth=hp.rows, init=[])
         w_wr = wmem.write_port(granularity=ew)
         w_rd = wmem.read_port()
-        m.d.comb += [w_wr.addr.eq(self.wt.addr),
-                     w_wr.data.eq(Cat(*[self.wt.data for _ in range(g)]))]
+        m.d.comb += [w_wr.addr.eq(wt.addr),
+                     w_wr.data.eq(Cat(*[wt.data for _ in range(g)]))]
         for j in range(g):
-            m.d.comb += w_wr.en[j].eq(self.wt.en & (self.wt.lane == j))
+            m.d.comb += w_wr.en[j].eq(wt.en & (wt.lane == j))
         m.submodules.imem = imem = Memory(shape=cfg.act_bits, depth=cfg.max_ifmap, init=[])
         i_wr = imem.write_port()
         i_rd = [imem.read_port() for _ in range(g)]
-        m.d.comb += [i_wr.addr.eq(self.ifm.addr), i_wr.data.eq(self.ifm.data),
-                     i_wr.en.eq(self.ifm.en)]
+        m.d.comb += [i_wr.addr.eq(ifm.addr), i_wr.data.eq(ifm.data),
+                     i_wr.en.eq(ifm.en)]
         if hp.plan:
             m.submodules.kmem = kmem = Memory(shape=kind_layout(), depth=cfg.max_ofmap, init=[])
             k_wr = kmem.write_port()
             k_rd = kmem.read_port()
-            m.d.comb += [k_wr.addr.eq(self.kind.addr), k_wr.data.eq(self.kind.data),
-                         k_wr.en.eq(self.kind.en)]
+            m.d.comb += [k_wr.addr.eq(kind.addr), k_wr.data.eq(kind.data),
+                         k_wr.en.eq(kind.en)]
 
         if cfg.has("early_term"):
             m.submodules.pmem = pmem = Memory(shape=reader_param_layout(hp, "pe"),
                                               depth=cfg.max_cout, init=[])
             p_wr = pmem.write_port()
             p_rd = pmem.read_port()
-            m.d.comb += [p_wr.addr.eq(self.prm.addr), p_wr.data.eq(self.prm.data),
-                         p_wr.en.eq(self.prm.en)]
+            m.d.comb += [p_wr.addr.eq(prm.addr), p_wr.data.eq(prm.data),
+                         p_wr.en.eq(prm.en)]
 
         m.submodules.rq = rq = SyncFIFO(width=ready_layout(hp).size, depth=READY_DEPTH)
         m.submodules.res = res = SyncFIFO(width=result_layout(hp).size, depth=RESULT_DEPTH)
