@@ -1,7 +1,9 @@
 """``skipconv bench methods``: MAC reduction at <= 1 point top-1 drop, per method and joint.
 
-For each model, each method's search runs on the calibration images within ``--eps`` points
-and the result is measured by golden execution on the test images: ``mac_reduction_at_eps1``
+For each model, each method's search runs within ``--eps`` points (SnaPEA and VELCRO on the
+calibration images; zero prediction, perforation and joint rank on augmented training images
+and back off on the calibration images, docs/methods.md) and the result is measured by
+golden execution on the test images, which choose nothing: ``mac_reduction_at_eps1``
 (1 - performed / dense MACs over the engine layers) and the top-1 accuracy. The joint
 configuration is compared with the best single method (goal: >= 0.60 and >= 1.5x).
 VELCRO also runs on its specialized task (classes 0, 6, 8, 9), as in the paper.

@@ -49,11 +49,18 @@ def add_arguments(parser):
                              "and back off on the calibration images (augmented, default), "
                              "the same by margin loss on the training images themselves "
                              "(train), or search on the calibration images alone (calib)")
+    parser.add_argument("--search", default="augmented", choices=("augmented", "calib"),
+                        help="zero_pred, perforation: rank candidates on augmented copies of "
+                             "training images with eps * 3 there and back off on the "
+                             "calibration images (augmented, default), or search on the "
+                             "calibration images alone with eps * 0.5 (calib, the former "
+                             "search)")
     parser.add_argument("--search-images", type=int, default=None, metavar="N",
-                        help="joint: training images the search uses (default 1000)")
+                        help="joint, zero_pred, perforation: training images the search ranks "
+                             "on (default 1000)")
     parser.add_argument("--val-margin", type=float, default=None, metavar="F",
-                        help="joint: share of eps the back-off allows on the calibration "
-                             "images (default 0.5)")
+                        help="joint, zero_pred, perforation: share of eps the back-off allows "
+                             "on the calibration images (default 0.5)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -68,12 +75,16 @@ def run(args) -> int:
     from .methods.executor import default_executor
     from .methods.run import optimize_model
     options = {"mode": args.mode, "p": args.p, "gt": args.gt, "mask": args.mask}
-    if args.method == "joint":
-        options["search"] = args.joint_search
-        if args.search_images is not None:
-            options["search_images"] = args.search_images
-        if args.val_margin is not None:
-            options["val_margin"] = args.val_margin
+    if args.method in ("joint", "zero_pred", "perforation"):
+        options["search"] = args.joint_search if args.method == "joint" else args.search
+        for name in ("search_images", "val_margin"):
+            v = getattr(args, name)
+            if v is not None:
+                if not v > 0:
+                    print(f"skipconv optimize: --{name.replace('_', '-')} {v}: must be > 0",
+                          file=sys.stderr)
+                    return 2
+                options[name] = v
     if args.ones_range:
         lo, hi = (int(v) for v in args.ones_range.split(","))
         options["ones_range"] = (lo, hi)

@@ -47,3 +47,17 @@ def test_optimize_then_report(tmp_path, capsys):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     rows = (tmp_path / "report.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[0].startswith("model,run,eps")
+
+
+def test_optimize_search_options(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["optimize", "--help"])
+    out = capsys.readouterr().out
+    assert "--search {augmented,calib}" in out and "--val-margin" in out
+    assert main(["optimize", "lenet", "--method", "perforation", "--val-margin", "0", "-o",
+                 str(tmp_path)]) == 2
+    assert "--val-margin 0.0: must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["optimize", "lenet", "--method", "zero_pred", "--search", "test", "-o",
+              str(tmp_path)])
+    assert "invalid choice: 'test'" in capsys.readouterr().err

@@ -249,3 +249,81 @@ def test_joint_search_options_are_checked_by_name():
     assert run._seconds("90") == 90.0
     with pytest.raises(ValueError, match="max_seconds = 'soon'"):
         run._seconds("soon")
+
+
+def _search_and_val(net, splits):
+    # Search images: augmented copies of training images (as run.optimize_model); held-out:
+    # calibration images (never test).
+    ev = _ev(net, data.augment(splits["train"][np.arange(150)], 1), 150)
+    return ev, _ev(net, splits["calib"], 200)
+
+
+def _val_drop(val, plan):
+    return val.base.acc - val.guarded_acc(val.run(plan))
+
+
+def test_perforation_search_backs_off_on_held_out_images(lenet):
+    from skipconv.sw.methods.common import HeldOut
+    model, net, splits = lenet
+    eps = 0.01
+    ev, val = _search_and_val(net, splits)
+    kw = dict(mask="impact", model=model, rates=(0.2, 0.4, 0.6), impact_images=60,
+              progress=False)
+    free = perforation.optimize(ev, eps * 3, **kw)          # no held-out check
+    held = HeldOut(val, eps, margin=0.5, stop=1.0)
+    plan = perforation.optimize(ev, eps * 3, holdout=held, **kw)
+    drops, c = held.drops, held.chosen()
+    assert held.history[0]["step"] == "base" and len(drops) >= 3
+    assert drops[c] <= eps * 0.5 + 1e-12
+    assert all(d > eps * 0.5 for d in drops[c + 1:])          # the last one within
+    assert all(d <= eps + 1e-12 for d in drops[:-1])          # stopped at the first > eps
+    assert _val_drop(val, plan) == pytest.approx(drops[c])    # the plan is that step's
+    assert held.history[c]["mac_reduction"] == pytest.approx(val.run(plan).mac_reduction)
+    # The back-off binds here: the same search without it spends more than the held-out
+    # budget, and the chosen plan is a prefix of its trajectory.
+    assert _val_drop(val, free) > eps * 0.5
+    assert 0 < ev.run(plan).saved < ev.run(free).saved
+
+
+def test_zero_prediction_layer_pass_requires_the_held_out_budget(lenet):
+    from skipconv.sw.methods.common import HeldOut
+    _, net, splits = lenet
+    eps = 0.01
+    ev, val = _search_and_val(net, splits)
+    for p, ones, margin in ((4, (1, 3), 0.5), (3, (1, 2), 0.0)):
+        kw = dict(mode="uniform_layer", p=p, ones_range=ones, max_patterns=6, top_m=2,
+                  progress=False)
+        free = zero_pred.optimize(ev, 0.05, **kw)
+        held = HeldOut(val, eps, margin=margin)
+        plan = zero_pred.optimize(ev, 0.05, holdout=held, **kw)
+        drops, c = held.drops, held.chosen()
+        assert drops, "the layer pass checked nothing on the held-out images"
+        assert _val_drop(val, free) > eps * margin        # binding without the check
+        assert all(d > eps * margin + 1e-12 for d in drops[:-1])  # walked down past these
+        if c is None:
+            assert plan == {}                                     # nothing within: base plan
+        else:
+            assert c == len(drops) - 1 and drops[c] <= eps * margin + 1e-12
+            assert _val_drop(val, plan) == pytest.approx(drops[c])
+            assert 0 < ev.run(plan).saved < ev.run(free).saved
+
+
+def test_held_out_choice_and_bad_settings():
+    from skipconv.sw.methods.common import HeldOut
+    h = HeldOut(None, 0.01, margin=0.5, stop=1.5)
+    assert h.chosen() is None
+    h.history = [{"drop": d} for d in (0.0, 0.004, 0.006, 0.005, 0.012, 0.02)]
+    assert h.chosen() == 3
+    assert not h.exceeded(0.015) and h.exceeded(0.0151)
+    with pytest.raises(ValueError, match="held-out margin = -0.5"):
+        HeldOut(None, 0.01, margin=-0.5)
+    with pytest.raises(ValueError, match="held-out eps = 'x'"):
+        HeldOut(None, "x")
+
+
+def test_single_method_search_set_is_checked_by_name(lenet, tmp_path):
+    from skipconv.sw.methods import run
+    for method in ("zero_pred", "perforation"):
+        with pytest.raises(ValueError, match=f"{method} search = 'test'"):
+            run.optimize_model("lenet", method, 0.01, tmp_path, loaded=lenet, progress=False,
+                               options={"search": "test"})

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..layer import Layer
 from . import perforation, snapea, velcro, zero_pred
-from .common import NetEval, golden_eval, validate_plan
+from .common import HeldOut, NetEval, golden_eval, validate_plan
 from .executor import Executor, SerialExecutor
 
 __all__ = ["Ladders", "build_ladders", "compose", "optimize", "lazy_moves", "check",
@@ -122,8 +122,9 @@ class JointResult:
     plan: dict
     states: dict
     history: list = field(default_factory=list)   # (move, acc, nll, saved) per accepted step
-    #: per accepted step: ``{"drop", "nll"}`` on the validation images (guarded top-1 drop,
-    #: mean NLL), when a validation set was given
+    #: per accepted step (the floor first): :attr:`HeldOut.history` on the validation images
+    #: (``drop``: guarded top-1 drop, ``nll``, ``mac_reduction``), when a validation set was
+    #: given
     val: list = field(default_factory=list)
     #: index in ``history`` of the returned configuration (after the validation back-off)
     chosen: int = -1
@@ -151,10 +152,11 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
     network is sure of, such as its training images). ``nll_cap`` bounds the rise of the mean
     NLL over the dense network's (``None``: no bound).
 
-    ``val`` (held-out images, never the test split): after every accepted move the
-    configuration is evaluated there; the search stops once its guarded top-1 drop exceeds
-    ``eps * val_stop``, and the result is the last configuration of the trajectory whose drop
-    there is within ``eps * val_margin`` (a back-off; the floor if none is).
+    ``val`` (held-out images, never the test split; :class:`~.common.HeldOut`): after every
+    accepted move the configuration is evaluated there; the search stops once its guarded
+    top-1 drop exceeds ``eps * val_stop``, and the result is the last configuration of the
+    trajectory whose drop there is within ``eps * val_margin`` (a back-off; the floor if none
+    is). The zero-prediction and perforation searches take the same ``holdout``.
 
     Without ``val``, on lenet with the 500 calibration images as ``ev``: a budget on top-1
     alone (margin 0.5) held there but not on test (1.5 points); margin 0.35 with an NLL cap
@@ -185,15 +187,9 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
     cost = (lambda n, ml: n) if objective == "nll" else (lambda n, ml: ml)
     history = [("floor", acc, nll, saved)]
     trail = [states]
-    val_hist = []
-
-    def validate(st):
-        r = val.run(_plan(val, lad, st))
-        val_hist.append({"drop": val.base.acc - val.guarded_acc(r), "nll": r.nll})
-        return val_hist[-1]["drop"]
-
-    if val is not None:
-        validate(states)
+    held = HeldOut(val, eps, val_margin, val_stop) if val is not None else None
+    if held is not None:
+        held.check(_plan(val, lad, states), "floor")
     ctx = (ev, lad)
     bar = tqdm(total=max_rounds, desc="joint", disable=not progress, leave=False)
     scores = {}         # move -> score at its last evaluation (None: broke the budget)
@@ -257,24 +253,22 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
         trail.append(states)
         bar.update(1)
         post = {"red": f"{saved / max(base.total['dense'], 1):.3f}", "acc": f"{acc:.3f}"}
-        if val is not None:
-            drop = validate(states)
+        if held is not None:
+            drop = held.check(_plan(val, lad, states), move)
             post["val_drop"] = f"{drop:.3f}"
             bar.set_postfix(**post)
-            if drop > eps * val_stop + 1e-12:
+            if held.exceeded(drop):
                 stop = "val_stop"
                 break
         else:
             bar.set_postfix(**post)
     bar.close()
-    chosen = len(history) - 1
-    if val is not None:
-        ok = [k for k, v in enumerate(val_hist) if v["drop"] <= eps * val_margin + 1e-12]
-        chosen = ok[-1] if ok else 0
+    chosen = len(history) - 1 if held is None else (held.chosen() or 0)
     states = trail[chosen]
     plan = _plan(ev, lad, states)
     validate_plan(plan, ev.layers, ev.g)
-    return JointResult(plan=plan, states=states, history=history, val=val_hist, chosen=chosen,
+    return JointResult(plan=plan, states=states, history=history,
+                       val=held.history if held is not None else [], chosen=chosen,
                        evaluations=evaluations[0], stop=stop)
 
 

@@ -15,7 +15,8 @@ neighbour (:func:`nn_table`). Masks of rate ``r`` (share of perforated positions
 
 :func:`optimize` is the paper's greedy multi-layer perforation: each step perforates further
 the layer with the least cost ``(NLL_n - NLL_0) / (t_0 - t_n)`` (``t`` counted in MACs),
-while top-1 stays within ``eps``.
+while top-1 stays within ``eps``; with a ``holdout`` (held-out images) it backs off along its
+trajectory like the joint search.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import dataclasses
 import numpy as np
 
 from ..layer import COMPUTE, CONST, COPY, Layer
-from .common import NetEval, validate_plan
+from .common import HeldOut, NetEval, validate_plan
 from .executor import Executor, SerialExecutor
 
 __all__ = ["uniform_mask", "grid_mask", "pooling_mask", "impact_mask", "nn_table", "apply",
@@ -216,11 +217,19 @@ def _pool_after(layer: Layer):
 
 def optimize(ev: NetEval, eps: float, *, mask: str = "impact", model=None, layers=None,
              rates=RATES, base_plan=None, executor: Executor | None = None,
-             impact_images: int = 250, progress: bool = True) -> dict:
+             impact_images: int = 250, holdout: HeldOut | None = None,
+             progress: bool = True) -> dict:
     """Greedy multi-layer perforation within ``eps`` top-1 drop; returns the plan.
 
     ``mask`` is one of :data:`MASKS`; ``impact`` needs the float ``model``. Layers of
-    ``base_plan`` with zero prediction are left alone.
+    ``base_plan`` with zero prediction are left alone. ``eps`` bounds the guarded top-1 drop
+    on ``ev``'s images (the search images, which rank the steps).
+
+    ``holdout`` (:class:`~.common.HeldOut`, images other than ``ev``'s, never the test
+    split): the base plan and every accepted step are checked there; the search stops once
+    the held-out drop exceeds ``eps * stop`` of the holdout, and the result is the last step
+    within its ``eps * margin`` (the base plan if none is); ``holdout.history`` holds the
+    trajectory. Without it the last accepted step is returned.
     """
     from tqdm import tqdm
 
@@ -249,6 +258,9 @@ def optimize(ev: NetEval, eps: float, *, mask: str = "impact", model=None, layer
             return pooling_mask(ho, wo, r, *_pool_after(ev.layers[i]), seed=i)
         return impact_mask(G[i], r, current[i])
 
+    trail = [plan]
+    if holdout is not None:
+        holdout.check(plan, "base")
     bar = tqdm(total=len(idx) * len(rates), desc=f"perforation {mask}", disable=not progress,
                leave=False)
     while True:
@@ -278,7 +290,14 @@ def optimize(ev: NetEval, eps: float, *, mask: str = "impact", model=None, layer
         _, i, m, plan = best
         current[i] = m
         level[i] += 1
+        trail.append(plan)
         bar.update(1)
+        if holdout is not None:
+            drop = holdout.check(plan, f"layer {i} rate {rates[level[i] - 1]}")
+            bar.set_postfix(val_drop=f"{drop:.3f}")
+            if holdout.exceeded(drop):
+                break
     bar.close()
+    plan = trail[holdout.chosen() or 0] if holdout is not None else trail[-1]
     validate_plan(plan, ev.layers, ev.g)
     return plan

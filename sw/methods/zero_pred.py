@@ -10,7 +10,7 @@
   a first-level pass evaluates every (target, pattern) alone; the patch, channel and layer
   quantizer passes combine the ``top_m`` best records of the targets below them, keeping only
   records within ``eps``; the layer pass walks down (``UpdateMask``) until the whole network
-  is within ``eps``.
+  is within ``eps`` (and, with a ``holdout``, within its budget on held-out images).
 
 Modes (what one *target* of the first-level pass is):
 
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..layer import COPY, Layer
-from .common import NetEval, validate_plan
+from .common import HeldOut, NetEval, validate_plan
 from .emulate import emulate
 from .executor import Executor, SerialExecutor
 
@@ -300,11 +300,16 @@ def _targets(ev, layers, mode, p, gt):
 def optimize(ev: NetEval, eps: float, *, mode: str = "uniform_layer", p: int = 2,
              ones_range=None, gt: int = 2, top_m: int = 3, layers=None, base_plan=None,
              executor: Executor | None = None, max_patterns: int = 16,
-             progress: bool = True) -> dict:
+             holdout: HeldOut | None = None, progress: bool = True) -> dict:
     """The 2019 report's optimizer; returns the plan (``base_plan`` plus leader masks).
 
-    ``eps`` is the allowed top-1 drop (fraction) on ``ev``'s images. Layers of ``base_plan``
-    that are perforated are skipped.
+    ``eps`` is the allowed (guarded) top-1 drop, a fraction, on ``ev``'s images (the search
+    images, which rank the records). Layers of ``base_plan`` that are perforated are skipped.
+
+    ``holdout`` (:class:`~.common.HeldOut`, images other than ``ev``'s, never the test
+    split): the layer pass's walk down also requires the held-out guarded drop within the
+    holdout's ``eps * margin``; every configuration within ``eps`` on ``ev`` is checked there
+    (``holdout.history``) until one is, and the base plan is returned if none is.
     """
     from tqdm import tqdm
 
@@ -365,7 +370,9 @@ def optimize(ev: NetEval, eps: float, *, mode: str = "uniform_layer", p: int = 2
         if not active:
             break
         rec = evaluate([_overlay(active)])[0]
-        if rec.err <= eps:
+        if rec.err <= eps and (holdout is None or holdout.within(holdout.check(
+                _plan_of(ev, base_plan, rec.choice, p, pats),
+                {str(i): k for i, k in pos.items()}))):
             best = rec
             break
         # UpdateMask: the layer whose record costs the most accuracy per saved MAC steps down.
