@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from skipconv.boards.build import BOARDS, BuildError, build_board, cached_build, parse_report
+from skipconv.boards.build import (BOARDS, BuildError, build_board, cached_build, parse_report,
+                                   tool_options)
 from skipconv.boards.pll import PLLError, ecp5_pll, ice40_pll
 from skipconv.sw.config import EngineConfig
 
@@ -32,6 +33,15 @@ def test_pll_settings():
 def test_unknown_board_is_refused(tmp_path):
     with pytest.raises(BuildError, match="board 'de10': choose one of ulx3s, icebreaker"):
         build_board("de10", SMALL, tmp_path)
+
+
+def test_map_at_clock_sets_abc9_delay_target():
+    assert "script_after_read" not in tool_options("ulx3s", 80.0)
+    opts = tool_options("ulx3s", 80.0, seed=3, pack_only=True, map_at_clock=True)
+    assert opts["script_after_read"] == "scratchpad -set abc9.D 12500"      # ps at 80 MHz
+    assert "--seed 3" in opts["nextpnr_opts"] and "--pack-only" in opts["nextpnr_opts"]
+    ice = tool_options("icebreaker", 24.0, map_at_clock=True)
+    assert ice["synth_opts"] == "-dsp" and ice["script_after_read"].endswith("abc9.D 41667")
 
 
 def test_parse_report_counts_and_fmax(tmp_path):
