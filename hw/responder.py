@@ -103,9 +103,8 @@ class Responder(wiring.Component):
         counted = {"dense": L.n_out[:hp.pos_bits], "velcro": pcnt["const"],
                    "perforation": pcnt["copy"], "zero_pred": pcnt["predicted"],
                    "early_term": pcnt["computed"] + pcnt["stopped"]}
-        mac_value = {k: mul_p for k in counted}
-        mac_value["performed"] = performed
-        mac_value["early_term"] = mul_p - performed
+        mac_value = {"dense": mul_p, "performed": performed, "velcro": mul_p,
+                     "perforation": mul_p, "zero_pred": mul_p, "early_term": mul_p - performed}
         counter_words = [self.cycles[:32], self.cycles[32:]]
         for k in names:
             wide = Signal(64, name=f"cnt64_{k}")
@@ -114,8 +113,8 @@ class Responder(wiring.Component):
         counter_words += [pcnt[k] for k in pos_names]
         assert len(counter_words) == COUNTER_WORDS
         for idx, k in enumerate(names):
-            with m.If((seq >> 1) == idx + 1):           # words 2 + 2 * idx and the next
-                if k in counted:
+            if k in counted:
+                with m.If((seq >> 1) == idx + 1):       # words 2 + 2 * idx and the next
                     m.d.comb += mul_n.eq(counted[k])
 
         # output packing
