@@ -17,7 +17,8 @@ class Dispatcher(wiring.Component):
     """Walk the layer's units in (channel, tile row, tile column) order, one per cycle at most.
 
     A unit is a ``p x p`` window when the layer uses zero prediction, else ``1 x UNIT_WIDTH``
-    positions of one row. All sizes are advanced incrementally (no multipliers on the way).
+    positions of one row. All sizes are advanced incrementally by the tile steps the loader
+    multiplied out (``layer_layout``): no multiplier here.
 
     Members
     -------
@@ -55,16 +56,11 @@ class Dispatcher(wiring.Component):
         zp = Signal()
         th = Signal(4)
         tw = Signal(4)
-        ths = Signal(16)
-        thsw = Signal(signed(hp.base_bits + 1))
-        thwo = Signal(hp.ofn_bits + 4)
-        p_w = Signal(signed(hp.base_bits + 1))     # -(P*W + P): base of position (0, 0)
 
         c = Signal(hp.cout_bits)
         y0 = Signal(hp.dim_bits + 4)
         x0 = Signal(hp.dim_bits + 4)
         x0s = Signal(hp.dim_bits + 8)              # x0 * S, kept by addition
-        tws = Signal(hp.dim_bits + 8)              # tw * S
         chbase = Signal(hp.ofn_bits + 1)
         rowaddr = Signal(hp.ofn_bits + 4)
         row_iy0 = Signal(signed(hp.coord_bits + 1))
@@ -92,15 +88,8 @@ class Dispatcher(wiring.Component):
                     th.eq(Mux(zp, L.p, 1)), tw.eq(Mux(zp, L.p, hp.unit_width)),
                     c.eq(0), y0.eq(0), x0.eq(0), x0s.eq(0), chbase.eq(0), rowaddr.eq(0),
                     wbase.eq(0),
-                    widx.eq(0), row_iy0.eq(-L.pad), p_w.eq(-(L.pad * L.w + L.pad)),
-                    row_base.eq(-(L.pad * L.w + L.pad)),
+                    widx.eq(0), row_iy0.eq(-L.pad), row_base.eq(-L.pad_off),
                 ]
-                m.next = "SETUP2"
-            with m.State("SETUP2"):
-                m.d.sync += [ths.eq(th * L.stride), thwo.eq(th * L.wo), tws.eq(tw * L.stride)]
-                m.next = "SETUP3"
-            with m.State("SETUP3"):
-                m.d.sync += thsw.eq(ths * L.w)
                 m.next = "FETCH"
             with m.State("FETCH"):          # parameter read of channel c
                 m.next = "GEN"
@@ -109,17 +98,17 @@ class Dispatcher(wiring.Component):
                 with m.If(rr.valid):
                     m.d.sync += widx.eq(widx + 1)
                     with m.If(x0 + tw < L.wo):
-                        m.d.sync += [x0.eq(x0 + tw), x0s.eq(x0s + tws)]
+                        m.d.sync += [x0.eq(x0 + tw), x0s.eq(x0s + L.tile_dx)]
                     with m.Else():
                         m.d.sync += [x0.eq(0), x0s.eq(0)]
                         with m.If(y0 + th < L.ho):
-                            m.d.sync += [y0.eq(y0 + th), rowaddr.eq(rowaddr + thwo),
-                                         row_iy0.eq(row_iy0 + ths),
-                                         row_base.eq(row_base + thsw)]
+                            m.d.sync += [y0.eq(y0 + th), rowaddr.eq(rowaddr + L.tile_dout),
+                                         row_iy0.eq(row_iy0 + L.tile_dy),
+                                         row_base.eq(row_base + L.tile_dbase)]
                         with m.Else():
                             m.d.sync += [y0.eq(0), c.eq(c + 1), chbase.eq(chbase + L.howo),
                                          rowaddr.eq(chbase + L.howo), row_iy0.eq(-L.pad),
-                                         row_base.eq(p_w), wbase.eq(wbase + L.rows)]
+                                         row_base.eq(-L.pad_off), wbase.eq(wbase + L.rows)]
                             with m.If(c + 1 == L.cout):
                                 m.d.sync += self.done.eq(1)
                                 m.next = "IDLE"

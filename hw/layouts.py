@@ -20,6 +20,14 @@ def layer_layout(hp: HwParams):
         "taps": hp.tap_bits, "rows": hp.tap_bits,          # weight rows per channel
         "ho": hp.dim_bits, "wo": hp.dim_bits,
         "howo": hp.ofn_bits, "n_out": hp.ofn_bits,          # Ho*Wo, Cout*Ho*Wo
+        # the dispatcher's steps for a th x tw tile (th = tw = P with zero prediction, else
+        # 1 x UNIT_WIDTH), multiplied out at load time so that no multiplier runs at RUN
+        "pad_off": hp.base_bits + 1,                        # P*W + P
+        "tile_dy": 12,                                      # th*S (input rows per tile row)
+        "tile_dx": hp.dim_bits + 8,                         # tw*S
+        "tile_dout": hp.ofn_bits + 4,                       # th*Wo
+        "tile_dbase": hp.base_bits + 1,                     # th*S*W (modulo the base width)
+        "row_dbase": hp.base_bits + 1,                      # S*W (the PE's row step)
     })
 
 

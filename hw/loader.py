@@ -99,7 +99,8 @@ class Loader(wiring.Component):
         # -- derived sizes, computed while the header word that needs them waits ---------------
         # Output size: two sequential dividers; products: one sequential multiplier, one
         # product after another (H*W and Cin*H*W on word 1; Ho*Wo, Cout*Ho*Wo, K*K, Cin*K*K
-        # on word 2; Cout*T on word 4). No wide multiplier sits on any path.
+        # and the dispatcher's tile steps on word 2; Cout*T on word 4). No wide multiplier
+        # sits on any path, and none runs at RUN.
         hw_ = Signal(32)                      # H*W
         cin_hw = Signal(48)                   # Cin*H*W
         howo = Signal(32)                     # Ho*Wo
@@ -115,7 +116,7 @@ class Loader(wiring.Component):
         settle = Signal(2)
         sizes_ready = Signal()
         div_started = Signal()
-        step = Signal(3)                      # products done for the waiting word
+        step = Signal(4)                      # products done for the waiting word
         mul_busy = Signal()
 
         def products(jobs):
@@ -355,10 +356,16 @@ class Loader(wiring.Component):
                                     div_w.num.eq(Mux(num_w < 0, 0, num_w)), div_w.den.eq(s),
                                     settle.eq(0), div_started.eq(1)]
                             with m.If(div_started & sizes_ready):
-                                k = data[0:8]
+                                k, s, pad, p = data[0:8], data[8:16], data[16:24], data[24:32]
+                                # the dispatcher's tile (layer_layout): P x P, else a row
+                                th = Mux(p != 0, p, 1)
+                                tw = Mux(p != 0, p, hp.unit_width)
                                 m.d.comb += base.eq(products([
                                     (div_h.quotient + 1, div_w.quotient + 1, howo),
-                                    (howo, L.cout, n_out), (k, k, kk), (kk, L.cin, cin_kk)]))
+                                    (howo, L.cout, n_out), (k, k, kk), (kk, L.cin, cin_kk),
+                                    (L.w + 1, pad, L.pad_off), (s, th, L.tile_dy),
+                                    (s, tw, L.tile_dx), (div_w.quotient + 1, th, L.tile_dout),
+                                    (L.w, s, L.row_dbase), (L.row_dbase, th, L.tile_dbase)]))
                         with m.Elif(hdr.any()):
                             m.d.comb += base.eq(1)
                         with m.Elif(~in_par):

@@ -192,8 +192,7 @@ class PE(wiring.Component):
         b_pos = Signal(ready_layout(hp))
         b_follow = Signal()
 
-        row_step = Signal(signed(hp.base_bits + 1))   # S * W, registered (fixed per layer)
-        m.d.sync += row_step.eq(L.stride * L.w)
+        row_step = L.row_dbase                        # S * W, multiplied out by the loader
         credit = Signal()
         m.d.comb += credit.eq(rq.level + b_valid < READY_DEPTH)
         advance = Signal()

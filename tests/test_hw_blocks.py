@@ -137,20 +137,25 @@ def test_beat_splitter_and_packer(n):
     _sim(pack, bench_pack, background=send_words)
 
 
-@pytest.mark.parametrize("p,ho,wo,cout", [(0, 3, 9, 2), (2, 5, 5, 2), (3, 7, 4, 1)])
-def test_dispatcher_covers_every_position_once(p, ho, wo, cout):
+@pytest.mark.parametrize("p,ho,wo,cout,stride", [(0, 3, 9, 2, 1), (2, 5, 5, 2, 2),
+                                                  (3, 7, 4, 1, 1), (0, 4, 6, 1, 3)])
+def test_dispatcher_covers_every_position_once(p, ho, wo, cout, stride):
     """Units tile the ofmap of every channel exactly once, with consistent origins."""
     cfg = EngineConfig(lanes=2, max_taps=64, max_ifmap=512, max_cout=4, max_ofmap=512,
                        max_k=3, max_p=4)
     hp = HwParams(cfg)
     dut = Dispatcher(hp)
-    stride, pad, k, w_in = 1, 1, 3, wo
+    pad, k = 1, 3
+    w_in = (wo - 1) * stride + k - 2 * pad
     rows = 7
+    th, tw = (p, p) if p else (1, UNIT_WIDTH)       # the tile, as the loader multiplies it out
 
     async def bench(ctx):
         ctx.set(dut.layer, {"cout": cout, "ho": ho, "wo": wo, "howo": ho * wo, "p": p,
                             "stride": stride, "pad": pad, "w": w_in, "h": ho, "k": k,
-                            "rows": rows})
+                            "rows": rows, "pad_off": pad * w_in + pad, "tile_dy": th * stride,
+                            "tile_dx": tw * stride, "tile_dout": th * wo,
+                            "tile_dbase": th * stride * w_in})
         ctx.set(dut.start, 1)
         await ctx.tick()
         ctx.set(dut.start, 0)
