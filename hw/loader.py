@@ -10,7 +10,8 @@ starts and set only when it completed, so no partial layer can ever run.
 
 from __future__ import annotations
 
-from amaranth import Module, Mux, Signal, signed
+from amaranth import Const, Module, Mux, Signal, signed
+from amaranth.hdl import Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -21,12 +22,62 @@ from .layouts import (kind_layout, layer_layout, param_layout, plan_layout,
                       reader_param_layout, weight_layout, write_bus)
 from .multiplier import Multiplier
 from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op
-
-PLAN_FEATURES = (FEATURE_BITS["zero_pred"] | FEATURE_BITS["velcro"]
-                 | FEATURE_BITS["perforation"])
 from .words import word_layout
 
 __all__ = ["Loader"]
+
+PLAN_FEATURES = (FEATURE_BITS["zero_pred"] | FEATURE_BITS["velcro"]
+                 | FEATURE_BITS["perforation"])
+
+
+class _Faults:
+    """The faults the loader can answer, each known by a small index.
+
+    A fault site registers its index and, under a one-bit ``fault``, the word being taken;
+    one lookup forms ``err_code`` and the 32-bit detail (a field of that word, a register
+    that stays put until the reply, or a constant) the cycle after. Each site assigning its
+    own code and 32-bit detail made a 40-bit priority mux over all ~45 sites (~850 iCE40
+    LUT4, on the loader's longest path). Code and detail are ready two cycles after the
+    fault; the responder sends them as the third and fourth words of the reply.
+    """
+
+    def __init__(self, word: Value):
+        self._word = word          # the word being taken (the stream's data)
+        self._keys = []            # (code, detail key) of every fault site
+
+    def _detail_key(self, detail):
+        if isinstance(detail, int):
+            return ("const", detail)
+        if detail is self._word:
+            return ("word", 0, 32)
+        if getattr(detail, "value", None) is self._word:      # a slice of the word
+            return ("word", detail.start, detail.stop)
+        return detail                                         # a register, by identity
+
+    def index(self, code, detail) -> int:
+        key = (int(code), self._detail_key(detail))
+        for k, (c, d) in enumerate(self._keys):
+            if c == key[0] and (d is key[1] or (isinstance(d, tuple) and isinstance(key[1], tuple)
+                                                and d == key[1])):
+                return k
+        self._keys.append(key)
+        return len(self._keys) - 1
+
+    def __len__(self):
+        return len(self._keys)
+
+    def decode(self, m, sel: Value, word: Value, code: Value, detail: Value):
+        """Register ``code`` and ``detail`` of fault ``sel``; ``word`` is the registered word."""
+        with m.Switch(sel):
+            for k, (c, d) in enumerate(self._keys):
+                with m.Case(k):
+                    m.d.sync += code.eq(c)
+                    if isinstance(d, tuple) and d[0] == "word":
+                        m.d.sync += detail.eq(word[d[1]:d[2]])
+                    elif isinstance(d, tuple):
+                        m.d.sync += detail.eq(Const(d[1], 32))
+                    else:
+                        m.d.sync += detail.eq(d)
 
 
 class Loader(wiring.Component):
@@ -252,11 +303,19 @@ class Loader(wiring.Component):
         m.d.comb += tt_r.addr.eq(data[16:32])
 
         content_fault = Signal()
+        fault = Signal()                      # any fault this cycle
+        faults = _Faults(data)
+        err_sel = Signal(6)                   # the fault (_Faults)
+        err_word = Signal(32)                 # the word taken at the fault
+        # registered under the one-bit ``fault``, not at every fault site (a 32-bit mux each)
+        with m.If(fault):
+            m.d.sync += err_word.eq(data)
 
         def fail(code, detail, drop=True, content=True):
+            m.d.comb += fault.eq(1)
             if content:
                 m.d.comb += content_fault.eq(1)
-            m.d.sync += [err_code.eq(code), err_detail.eq(detail)]
+            m.d.sync += err_sel.eq(faults.index(code, detail))
             if drop:
                 with m.If(msg_end):
                     m.next = "REPLY_ERR"
@@ -454,6 +513,8 @@ class Loader(wiring.Component):
             with m.State("RUNNING"):
                 with m.If(self.run_done):
                     m.next = "HDR0"
+        assert len(faults) <= 2 ** len(err_sel)
+        faults.decode(m, err_sel, err_word, err_code, err_detail)
         return m
 
     # -- LOAD_LAYER body ---------------------------------------------------------------------
