@@ -88,14 +88,15 @@ class PE(wiring.Component):
         hp = self._hp
         cfg = hp.config
         g = cfg.g
-        # The loader's writes and the layer's header, registered on arrival: the loader then
-        # drives one register per PE, not every block RAM and compare of every replica
-        # across the device. (Both settle long before a run reads them.)
-        L = Signal(self.layer.shape())
-        wt, ifm, kind, prm = (Signal(bus.shape()) for bus in
-                              (self.wt, self.ifm, self.kind, self.prm))
-        m.d.sync += [L.eq(self.layer), wt.eq(self.wt), ifm.eq(self.ifm), kind.eq(self.kind),
-                     prm.eq(self.prm)]
+        # The loader's writes and the layer's header, registered on arrival when there are
+        # several PEs: the loader then drives one register per PE, not every block RAM and
+        # compare of every replica across the device. (Both settle long before a run reads
+        # them.) A single PE has no fan-out to cut.
+        L, wt, ifm, kind, prm = self.layer, self.wt, self.ifm, self.kind, self.prm
+        if hp.lanes > 1:
+            L, wt, ifm, kind, prm = (Signal(v.shape()) for v in (L, wt, ifm, kind, prm))
+            m.d.sync += [L.eq(self.layer), wt.eq(self.wt), ifm.eq(self.ifm),
+                         kind.eq(self.kind), prm.eq(self.prm)]
         NS = hp.slots
         D = hp.depth
         wl = weight_layout(hp)

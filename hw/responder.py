@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
 from .layouts import layer_layout, ofmap_layout, param_layout, plan_layout
@@ -69,7 +69,9 @@ class Responder(wiring.Component):
         hp = self._hp
         cfg = hp.config
         L = self.layer
-        m.submodules.fifo = fifo = SyncFIFO(width=33, depth=OUT_DEPTH)
+        # synchronous read: block RAM on iCE40 too (its RAM has no asynchronous read, and a
+        # SyncFIFO of this size is ~400 LUT4 and ~450 FF of registers there)
+        m.submodules.fifo = fifo = SyncFIFOBuffered(width=33, depth=OUT_DEPTH)
         m.d.comb += [self.words.valid.eq(fifo.r_rdy), self.words.p.data.eq(fifo.r_data[:32]),
                      self.words.p.last.eq(fifo.r_data[32]), fifo.r_en.eq(self.words.ready)]
         f_data = Signal(32)
