@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from amaranth.hdl import Cat, Const, Module, Mux, Signal, unsigned
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
+
+from ..hw.memories import no_collision_memory, registered_read
 
 __all__ = ["beat_layout", "crc16_update", "FrameBridge",
            "SOF", "DATA", "DATA_LAST", "DEV_DATA", "DEV_DATA_LAST", "ACK", "NAK",
@@ -104,9 +105,10 @@ class FrameBridge(wiring.Component):
         max_words = MAX_PAYLOAD // 4
 
         # -- host frames in ------------------------------------------------------------------
-        m.submodules.rx_mem = rx_mem = Memory(shape=32, depth=max_words, init=[])
+        # written while a frame arrives, read while it is forwarded: never both at once
+        m.submodules.rx_mem = rx_mem = no_collision_memory(shape=32, depth=max_words)
         rx_wr = rx_mem.write_port()
-        rx_rd = rx_mem.read_port()
+        rx_rd = registered_read(m, rx_mem, "rx_rd")
 
         crc = Signal(16)
         ftype = Signal(8)
@@ -278,9 +280,10 @@ class FrameBridge(wiring.Component):
 
         # -- result frames out ---------------------------------------------------------------
         nbeats = self.result_beats
-        m.submodules.tx_mem = tx_mem = Memory(shape=self._bus_bits, depth=nbeats, init=[])
+        # filled while not sending, read while sending: never both at once
+        m.submodules.tx_mem = tx_mem = no_collision_memory(shape=self._bus_bits, depth=nbeats)
         tx_wr = tx_mem.write_port()
-        tx_rd = tx_mem.read_port()
+        tx_rd = registered_read(m, tx_mem, "tx_rd")
 
         fill = Signal(range(nbeats + 1))     # result beats buffered
         fill_last = Signal()                 # the buffered beats end a message

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from amaranth import Cat, Module, Signal
 from amaranth.lib import wiring
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from ..sw.config import EngineConfig
 from .dispatch import Dispatcher
 from .layouts import PARAM_READERS, ofmap_layout, plan_layout, reader_param_layout
 from .loader import Loader
+from .memories import no_collision_memory, registered_read
 from .params import HwParams
 from .pe import PE
 from .responder import Responder
@@ -99,44 +99,43 @@ class Engine(wiring.Component):
         # per-channel parameters, written by the loader: one memory per reader with only the
         # fields it reads, so each has one read port (block or LUT RAM, not registers)
         for reader, blk in (("dispatch", disp), ("writer", writer), ("responder", resp)):
-            mem = Memory(shape=reader_param_layout(hp, reader), depth=cfg.max_cout, init=[])
+            mem = no_collision_memory(shape=reader_param_layout(hp, reader), depth=cfg.max_cout)
             m.submodules[f"prm_{reader}"] = mem
             pw = mem.write_port()
-            rp = mem.read_port()
+            rp = registered_read(m, mem, f"prm_{reader}")
             m.d.comb += [pw.en.eq(loader.prm.en), pw.addr.eq(loader.prm.addr),
                          rp.addr.eq(blk.prm_addr)]
             for f in PARAM_READERS[reader]:
                 m.d.comb += [pw.data[f].eq(loader.prm.data[f]), blk.prm_data[f].eq(rp.data[f])]
 
         # the ofmap buffer: written by the writer, read by the responder
-        m.submodules.ofm = ofm = Memory(shape=ofmap_layout(hp), depth=cfg.max_ofmap, init=[])
+        m.submodules.ofm = ofm = no_collision_memory(shape=ofmap_layout(hp), depth=cfg.max_ofmap)
         ow = ofm.write_port()
-        orp = ofm.read_port()
+        orp = registered_read(m, ofm, "ofm")
         m.d.comb += [ow.en.eq(writer.ofmap.en), ow.addr.eq(writer.ofmap.addr),
                      ow.data.eq(writer.ofmap.data),
                      orp.addr.eq(resp.ofm_addr), resp.ofm_data.eq(orp.data)]
 
         if hp.plan:
-            m.submodules.plan = plan = Memory(shape=plan_layout(), depth=cfg.max_ofmap,
-                                              init=[])
+            m.submodules.plan = plan = no_collision_memory(shape=plan_layout(), depth=cfg.max_ofmap)
             plw = plan.write_port()
             m.d.comb += [plw.en.eq(loader.plan.en), plw.addr.eq(loader.plan.addr),
                          plw.data.eq(loader.plan.data)]
-            for addr, dat in ((resp.plan_a_addr, resp.plan_a_data),
-                              (resp.plan_b_addr, resp.plan_b_data)):
-                rp = plan.read_port()
+            for name, addr, dat in (("plan_a", resp.plan_a_addr, resp.plan_a_data),
+                                    ("plan_b", resp.plan_b_addr, resp.plan_b_data)):
+                rp = registered_read(m, plan, name)
                 m.d.comb += [rp.addr.eq(addr), dat.eq(rp.data)]
         if cfg.has("perforation"):
-            m.submodules.nn = nn = Memory(shape=hp.ofa_bits, depth=cfg.max_ofmap, init=[])
+            m.submodules.nn = nn = no_collision_memory(shape=hp.ofa_bits, depth=cfg.max_ofmap)
             nw = nn.write_port()
-            nr = nn.read_port()
+            nr = registered_read(m, nn, "nn")
             m.d.comb += [nw.en.eq(loader.nn.en), nw.addr.eq(loader.nn.addr),
                          nw.data.eq(loader.nn.data),
                          nr.addr.eq(resp.nn_addr), resp.nn_data.eq(nr.data)]
         if cfg.has("zero_pred"):
-            m.submodules.win = win = Memory(shape=1, depth=cfg.max_ofmap, init=[])
+            m.submodules.win = win = no_collision_memory(shape=1, depth=cfg.max_ofmap)
             ww = win.write_port()
-            wr = win.read_port()
+            wr = registered_read(m, win, "win")
             m.d.comb += [ww.en.eq(writer.winflag.en), ww.addr.eq(writer.winflag.addr),
                          ww.data.eq(writer.winflag.data),
                          wr.addr.eq(resp.win_addr), resp.win_data.eq(wr.data)]

@@ -20,6 +20,7 @@ from amaranth.utils import ceil_log2
 from .divider import Divider
 from .layouts import (kind_layout, layer_layout, param_layout, plan_layout,
                       reader_param_layout, weight_layout, write_bus)
+from .memories import no_collision_memory, registered_read
 from .multiplier import Multiplier
 from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op
 from .words import word_layout
@@ -212,10 +213,9 @@ class Loader(wiring.Component):
 
         # -- tap table: tap index -> (ifmap offset, ky, kx) -----------------------------------
         tap_shape = weight_layout(hp)
-        m.submodules.taptab = taptab = Memory(
-            shape=tap_shape, depth=cfg.max_taps, init=[])
+        m.submodules.taptab = taptab = no_collision_memory(shape=tap_shape, depth=cfg.max_taps)
         tt_w = taptab.write_port()
-        tt_r = taptab.read_port()
+        tt_r = registered_read(m, taptab, "taptab")
         b_run = Signal()
         b_t = Signal(hp.tap_bits)
         b_ci = Signal(16)

@@ -17,11 +17,11 @@ from __future__ import annotations
 from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.fifo import SyncFIFO
-from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .layouts import (kind_layout, layer_layout, ready_layout, reader_param_layout,
                       result_layout, unit_layout, weight_layout, write_bus)
+from .memories import no_collision_memory, registered_read
 from .params import READY_DEPTH, RESULT_DEPTH, HwParams
 
 __all__ = ["PE", "context_layout"]
@@ -103,30 +103,30 @@ class PE(wiring.Component):
         ew = wl.size
 
         # -- replicas ------------------------------------------------------------------------
-        m.submodules.wmem = wmem = Memory(shape=ew * g, depth=hp.rows, init=[])
+        m.submodules.wmem = wmem = no_collision_memory(shape=ew * g, depth=hp.rows)
         w_wr = wmem.write_port(granularity=ew)
-        w_rd = wmem.read_port()
+        w_rd = registered_read(m, wmem, "w_rd")
         m.d.comb += [w_wr.addr.eq(wt.addr),
                      w_wr.data.eq(Cat(*[wt.data for _ in range(g)]))]
         for j in range(g):
             m.d.comb += w_wr.en[j].eq(wt.en & (wt.lane == j))
-        m.submodules.imem = imem = Memory(shape=cfg.act_bits, depth=cfg.max_ifmap, init=[])
+        m.submodules.imem = imem = no_collision_memory(shape=cfg.act_bits, depth=cfg.max_ifmap)
         i_wr = imem.write_port()
-        i_rd = [imem.read_port() for _ in range(g)]
+        i_rd = [registered_read(m, imem, f"i_rd{j}") for j in range(g)]
         m.d.comb += [i_wr.addr.eq(ifm.addr), i_wr.data.eq(ifm.data),
                      i_wr.en.eq(ifm.en)]
         if hp.plan:
-            m.submodules.kmem = kmem = Memory(shape=kind_layout(), depth=cfg.max_ofmap, init=[])
+            m.submodules.kmem = kmem = no_collision_memory(shape=kind_layout(), depth=cfg.max_ofmap)
             k_wr = kmem.write_port()
-            k_rd = kmem.read_port()
+            k_rd = registered_read(m, kmem, "k_rd")
             m.d.comb += [k_wr.addr.eq(kind.addr), k_wr.data.eq(kind.data),
                          k_wr.en.eq(kind.en)]
 
         if cfg.has("early_term"):
-            m.submodules.pmem = pmem = Memory(shape=reader_param_layout(hp, "pe"),
-                                              depth=cfg.max_cout, init=[])
+            m.submodules.pmem = pmem = no_collision_memory(shape=reader_param_layout(hp, "pe"),
+                                                     depth=cfg.max_cout)
             p_wr = pmem.write_port()
-            p_rd = pmem.read_port()
+            p_rd = registered_read(m, pmem, "p_rd")
             m.d.comb += [p_wr.addr.eq(prm.addr), p_wr.data.eq(prm.data),
                          p_wr.en.eq(prm.en)]
 
