@@ -125,6 +125,9 @@ class PE(wiring.Component):
         if cfg.has("early_term"):
             m.submodules.pmem = pmem = no_collision_memory(shape=reader_param_layout(hp, "pe"),
                                                      depth=cfg.max_cout)
+            # block RAM, not LUT RAM: on ECP5 spec and th take 11 DPR16X4 (22 LUT4) per PE
+            # at 16 channels, or 2 DP16KD (docs/benchmarks.md, Boards)
+            pmem.attrs["ram_style"] = "block"
             p_wr = pmem.write_port()
             p_rd = registered_read(m, pmem, "p_rd")
             m.d.comb += [p_wr.addr.eq(prm.addr), p_wr.data.eq(prm.data),
