@@ -46,8 +46,6 @@ def perforation_finetune(model, layers, ladders, x, y, *, epochs: int = FINETUNE
     Deterministic for a given ``seed`` (one intra-op thread, like the zoo's training).
     """
     import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
 
     teacher = model
     model = copy.deepcopy(model)
@@ -63,8 +61,36 @@ def perforation_finetune(model, layers, ladders, x, y, *, epochs: int = FINETUNE
             return out if nn is None else out[:, :, nn[..., 0], nn[..., 1]]
         return hook
 
+    rng = np.random.default_rng(seed)
+
+    def draw_rungs():
+        for i, tab in enumerate(tables):
+            current[i] = tab[int(rng.integers(len(tab)))] if tab else None
+
     for i, m in enumerate(mods):
         hooks.append(m.register_forward_hook(make_hook(i)))
+    try:
+        _fit(model, teacher, x, y, epochs=epochs, lr=lr, batch=batch,
+             weight_decay=weight_decay, seed=seed, distill=distill, temperature=temperature,
+             before_batch=draw_rungs, desc="fine-tune (perforated)", progress=progress)
+    finally:
+        for h in hooks:
+            h.remove()
+    return model.eval()
+
+
+def _fit(model, teacher, x, y, *, epochs, lr, batch, weight_decay, seed, distill,
+         temperature, before_batch=None, desc="fine-tune", progress=True):
+    """Train ``model`` in place: AdamW, cosine decay to 0, seeded batches, one thread.
+
+    The model stays in eval mode: BN keeps its running statistics (the dense network and
+    the skipping forward pass see the normalization they were exported with; the zoo has no
+    dropout). ``distill`` > 0 mixes in the KL divergence to ``teacher``'s softened outputs.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
     x = torch.as_tensor(x, dtype=torch.float32)
     y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
     threads = torch.get_num_threads()
@@ -72,19 +98,17 @@ def perforation_finetune(model, layers, ladders, x, y, *, epochs: int = FINETUNE
     try:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        rng = np.random.default_rng(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         steps = epochs * ((len(y) + batch - 1) // batch)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-        model.eval()                      # BN keeps its statistics; no dropout in the zoo
-        with tqdm(total=steps, desc="fine-tune (perforated)", disable=not progress,
-                  leave=False) as bar:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+        model.eval()
+        with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
             for _ in range(epochs):
                 perm = torch.randperm(len(y), generator=gen)
                 for s in range(0, len(y), batch):
                     idx = perm[s:s + batch]
-                    for i, tab in enumerate(tables):
-                        current[i] = tab[int(rng.integers(len(tab)))] if tab else None
+                    if before_batch is not None:
+                        before_batch()
                     opt.zero_grad()
                     z = model(x[idx])
                     loss = F.cross_entropy(z, y[idx])
@@ -100,9 +124,7 @@ def perforation_finetune(model, layers, ladders, x, y, *, epochs: int = FINETUNE
                     sched.step()
                     bar.update(1)
     finally:
-        for h in hooks:
-            h.remove()
         torch.set_num_threads(threads)
     for p in model.parameters():
         p.grad = None
-    return model.eval()
+    return model
