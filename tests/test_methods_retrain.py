@@ -5,6 +5,8 @@ layer's output is (its ReLU input), train nothing itself, and the retrained netw
 packages must run on the golden model.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -207,3 +209,74 @@ def test_short_retraining_lowers_the_predictor_on_loss_and_its_packages_run(lene
         r = golden.run(back, ins[i])
         assert np.array_equal(r.out, emulate(back, ins[i]).out)
         assert r.zero_pred > 0
+
+
+def test_optimize_with_retraining_writes_the_retrained_network(lenet, tmp_path):
+    from skipconv.sw.methods import run
+    out = tmp_path / "zp"
+    s = run.optimize_model("lenet", "zero_pred", 0.05, out, loaded=lenet, calib_n=100,
+                           test_n=60, progress=False,
+                           options={"retrain": 1, "search_images": 100, "ones_range": (1, 1)})
+    rt = s["info"]["retrain"]
+    assert rt["target"] is not None and rt["checks"]
+    assert rt["adopted"], rt
+    # Drops against the original dense network: its own test top-1 is the reference.
+    orig = run.joint.golden_eval(lenet[1], {}, lenet[2]["test"].x[:60].numpy(),
+                                 lenet[2]["test"].y[:60].numpy(), progress=False)
+    assert s["test"]["acc_dense"] == orig.acc
+    net_rt = export.load(out / "network")
+    files = sorted((out / "layers").glob("*.npz"))
+    assert len(files) == len(net_rt.layers) == 3
+    ins = net_rt.layer_inputs(lenet[2]["test"].x[:2])
+    configured = 0
+    for f, L, x in zip(files, net_rt.layers, ins):
+        P = load(f)
+        P.validate(g=1)
+        assert np.array_equal(P.w, L.w) and P.meta["s_y"] == L.meta["s_y"]
+        configured += bool(P.p)
+        assert np.array_equal(golden.run(P, x).out, emulate(P, x).out)
+    assert configured
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["info"]["retrain"]["adopted"] is True
+
+
+def test_retrain_options_are_checked_by_name(lenet, tmp_path, capsys):
+    from skipconv.sw.cli import main
+    from skipconv.sw.methods import run
+    with pytest.raises(ValueError, match="retrain = -2"):
+        run.optimize_model("lenet", "zero_pred", 0.01, tmp_path, loaded=lenet,
+                           progress=False, options={"retrain": -2})
+    with pytest.raises(ValueError, match="retrain = 2: only for method zero_pred"):
+        run.optimize_model("lenet", "snapea", 0.01, tmp_path, loaded=lenet,
+                           progress=False, options={"retrain": 2})
+    assert main(["optimize", "lenet", "--method", "zero_pred", "--retrain", "0", "-o",
+                 str(tmp_path)]) == 2
+    assert "--retrain 0: must be a number of epochs >= 1" in capsys.readouterr().err
+    assert main(["optimize", "lenet", "--method", "velcro", "--retrain", "2", "-o",
+                 str(tmp_path)]) == 2
+    assert "only with --method zero_pred" in capsys.readouterr().err
+    assert main(["optimize", "lenet", "--method", "zero_pred", "--retrain", "2",
+                 "--retrain-lr", "-1", "-o", str(tmp_path)]) == 2
+    assert "--retrain-lr -1.0: must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["optimize", "--help"])
+    out = capsys.readouterr().out
+    assert "--retrain EPOCHS" in out and "--retrain-lr LR" in out
+
+
+def test_run_uses_the_retrained_network_of_an_optimize_folder(lenet, tmp_path, capsys):
+    from skipconv.sw.cli import main
+    from skipconv.sw.methods import run
+    out = tmp_path / "zp"
+    s = run.optimize_model("lenet", "zero_pred", 0.05, out, loaded=lenet, calib_n=100,
+                           test_n=60, progress=False,
+                           options={"retrain": 1, "search_images": 100, "ones_range": (1, 1)})
+    assert s["info"]["retrain"]["adopted"]
+    assert main(["run", str(out), "--device", "golden", "--compare", "--images", "60",
+                 "--quiet", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    # The configured retrained network, as optimize measured it: top-1 and performed MACs
+    # (the zoo's network with these packages would see other layer inputs).
+    assert res["top1"] == pytest.approx(s["test"]["acc"], abs=1e-6)
+    assert res["totals"]["performed"] == sum(c["performed"] for c in s["test"]["layers"])
+    assert "lenet configured by zero_pred" in res["what"]
