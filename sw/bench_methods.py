@@ -44,6 +44,10 @@ def add_arguments(parser):
                         help=f"{RETRAIN} (a --methods name): epochs of retraining with the "
                              "zero predictor in the forward pass (default "
                              "methods.finetune.RETRAIN_EPOCHS)")
+    parser.add_argument("--retrain-set", default=None, choices=("target", "walk"),
+                        help=f"{RETRAIN}: train with the target configuration (default) or "
+                             "with one per mini-batch drawn from it, the configurations "
+                             "after it and the dense network (walk)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -71,6 +75,8 @@ def run(args) -> dict:
                     from .methods.finetune import RETRAIN_EPOCHS
                     run_method = "zero_pred"
                     opts = {"retrain": args.retrain_epochs or RETRAIN_EPOCHS}
+                    if args.retrain_set:
+                        opts["retrain_set"] = args.retrain_set
                 elif method == "joint":
                     opts = {k: v for k, v in (("lazy_k", args.joint_lazy),
                                               ("max_seconds", args.joint_max_seconds))
@@ -87,6 +93,7 @@ def run(args) -> dict:
                     rt = s["info"]["retrain"]
                     res[method].update(
                         retrained=rt["adopted"], retrain_epochs=rt["epochs"],
+                        retrain_set=rt.get("retrain_set"),
                         retrain_seconds=rt.get("seconds"),
                         dense_drop_calib_points=round(100 * rt["dense_drop_calib"], 2)
                         if "dense_drop_calib" in rt else None)

@@ -71,6 +71,10 @@ def add_arguments(parser):
     parser.add_argument("--retrain-lr", type=float, default=None, metavar="LR",
                         help="zero_pred --retrain: AdamW learning rate, cosine decay to 0 "
                              "(default 1e-4)")
+    parser.add_argument("--retrain-set", default=None, choices=("target", "walk"),
+                        help="zero_pred --retrain: train with that one configuration "
+                             "(target, default) or, per mini-batch, one drawn from it, the "
+                             "layer-pass configurations after it and the dense network (walk)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -95,7 +99,7 @@ def run(args) -> int:
                           file=sys.stderr)
                     return 2
                 options[name] = v
-    if args.retrain is not None or args.retrain_lr is not None:
+    if args.retrain is not None or args.retrain_lr is not None or args.retrain_set:
         if args.method != "zero_pred":
             print(f"skipconv optimize: --retrain / --retrain-lr: only with --method zero_pred "
                   f"(--method {args.method})", file=sys.stderr)
@@ -105,6 +109,8 @@ def run(args) -> int:
                   ">= 1", file=sys.stderr)
             return 2
         options["retrain"] = args.retrain
+        if args.retrain_set:
+            options["retrain_set"] = args.retrain_set
         if args.retrain_lr is not None:
             if not args.retrain_lr > 0:
                 print(f"skipconv optimize: --retrain-lr {args.retrain_lr}: must be > 0",

@@ -46,8 +46,8 @@ def test_float_predictor_predicts_the_golden_models_positions(lenet):
             for x in ins[i]:
                 dense = golden.run(L, x).out
                 want = golden.run(Lp, x).outcome == golden.PREDICTED
-                got = finetune.predicted_followers(torch.as_tensor(dense[None], dtype=torch.float32),
-                                                   Lp.p, Lp.leader)[0].numpy()
+                v = torch.as_tensor(dense[None], dtype=torch.float32)
+                got = finetune.predicted_followers(v, Lp.p, Lp.leader)[0].numpy()
                 assert np.array_equal(got, want), (L.name, k)
                 predicted += int(want.sum())
     assert predicted > 1000
@@ -107,6 +107,14 @@ def test_predictor_hook_sets_the_predicted_followers_of_the_post_relu_output(len
                 # mask shows.
                 assert torch.equal(outs[i], ref[i].masked_fill(pred, 0.0))
                 assert (ref[i][pred] != 0).sum() > 10
+                # A list of plans: the current one applies (here the dense one: nothing).
+                with finetune.zero_pred_forward(model, net.layers, [{i: Lp}, {}]) as zp:
+                    zp.current = 1
+                    model(x)
+                    assert torch.equal(outs[i], ref[i]) and i not in zp.predicted
+                    zp.current = 0
+                    model(x)
+                    assert torch.equal(outs[i], ref[i].masked_fill(pred, 0.0))
     finally:
         for h in hooks:
             h.remove()
@@ -216,10 +224,12 @@ def test_optimize_with_retraining_writes_the_retrained_network(lenet, tmp_path):
     out = tmp_path / "zp"
     s = run.optimize_model("lenet", "zero_pred", 0.05, out, loaded=lenet, calib_n=100,
                            test_n=60, progress=False,
-                           options={"retrain": 1, "search_images": 100, "ones_range": (1, 1)})
+                           options={"retrain": 2, "retrain_lr": 1e-3, "search_images": 100,
+                                    "ones_range": (1, 1)})
     rt = s["info"]["retrain"]
     assert rt["target"] is not None and rt["checks"]
     assert rt["adopted"], rt
+    assert rt["calib_mac_reduction"] > rt["calib_mac_reduction_without"]
     # Drops against the original dense network: its own test top-1 is the reference.
     orig = run.joint.golden_eval(lenet[1], {}, lenet[2]["test"].x[:60].numpy(),
                                  lenet[2]["test"].y[:60].numpy(), progress=False)
@@ -246,6 +256,9 @@ def test_retrain_options_are_checked_by_name(lenet, tmp_path, capsys):
     with pytest.raises(ValueError, match="retrain = -2"):
         run.optimize_model("lenet", "zero_pred", 0.01, tmp_path, loaded=lenet,
                            progress=False, options={"retrain": -2})
+    with pytest.raises(ValueError, match="retrain_set = 'all': must be target or walk"):
+        run.optimize_model("lenet", "zero_pred", 0.01, tmp_path, loaded=lenet,
+                           progress=False, options={"retrain": 2, "retrain_set": "all"})
     with pytest.raises(ValueError, match="retrain = 2: only for method zero_pred"):
         run.optimize_model("lenet", "snapea", 0.01, tmp_path, loaded=lenet,
                            progress=False, options={"retrain": 2})
@@ -262,6 +275,7 @@ def test_retrain_options_are_checked_by_name(lenet, tmp_path, capsys):
         main(["optimize", "--help"])
     out = capsys.readouterr().out
     assert "--retrain EPOCHS" in out and "--retrain-lr LR" in out
+    assert "--retrain-set {target,walk}" in out
 
 
 def test_run_uses_the_retrained_network_of_an_optimize_folder(lenet, tmp_path, capsys):
@@ -270,7 +284,8 @@ def test_run_uses_the_retrained_network_of_an_optimize_folder(lenet, tmp_path, c
     out = tmp_path / "zp"
     s = run.optimize_model("lenet", "zero_pred", 0.05, out, loaded=lenet, calib_n=100,
                            test_n=60, progress=False,
-                           options={"retrain": 1, "search_images": 100, "ones_range": (1, 1)})
+                           options={"retrain": 2, "retrain_lr": 1e-3, "search_images": 100,
+                                    "ones_range": (1, 1)})
     assert s["info"]["retrain"]["adopted"]
     assert main(["run", str(out), "--device", "golden", "--compare", "--images", "60",
                  "--quiet", "--json"]) == 0
@@ -280,3 +295,17 @@ def test_run_uses_the_retrained_network_of_an_optimize_folder(lenet, tmp_path, c
     assert res["top1"] == pytest.approx(s["test"]["acc"], abs=1e-6)
     assert res["totals"]["performed"] == sum(c["performed"] for c in s["test"]["layers"])
     assert "lenet configured by zero_pred" in res["what"]
+
+
+def test_retraining_that_saves_no_more_is_not_adopted(lenet, tmp_path):
+    from skipconv.sw.methods import run
+    out = tmp_path / "zp"
+    s = run.optimize_model("lenet", "zero_pred", 0.05, out, loaded=lenet, calib_n=100,
+                           test_n=60, progress=False,
+                           options={"retrain": 1, "search_images": 100, "ones_range": (1, 1)})
+    rt = s["info"]["retrain"]
+    # Measured: 0.3096 on the calibration images after retraining, 0.3105 without.
+    assert not rt["adopted"] and rt["calib_mac_reduction"] <= rt["calib_mac_reduction_without"]
+    assert not (out / "network").exists()
+    for f, L in zip(sorted((out / "layers").glob("*.npz")), lenet[1].layers):
+        assert np.array_equal(load(f).w, L.w)              # the original network's layers

@@ -207,11 +207,23 @@ class zero_pred_forward:
     pass (no gradient through it, the predictor is not trained); gradients flow unchanged
     through every other output. Layers that also hold CONST / COPY positions are refused
     (their float semantics is not this one's).
+
+    ``plan`` may also be a list of plans: :attr:`current` (an index, default 0) says which
+    one the forward pass applies (retraining draws one per mini-batch).
     """
 
-    def __init__(self, model, layers, plan: dict, *, quantized: bool = True):
-        self.targets = {}
-        mods = relu_input_modules(model, layers)
+    def __init__(self, model, layers, plan, *, quantized: bool = True):
+        self.mods = relu_input_modules(model, layers)
+        plans = [plan] if isinstance(plan, dict) else list(plan)
+        self.configs = [self._targets(pl, quantized) for pl in plans]
+        self.current = 0
+        self.hooks = []
+        #: per configured layer, the last forward pass's predicted followers (for tests)
+        self.predicted = {}
+
+    @staticmethod
+    def _targets(plan, quantized):
+        out = {}
         for i, L in plan.items():
             if not L.p:
                 continue
@@ -219,21 +231,23 @@ class zero_pred_forward:
                 raise ValueError(f"layer {i} ({L.name!r}): zero prediction combined with "
                                  "CONST / COPY positions cannot be retrained here")
             below = 0.5 * float(L.meta["s_y"]) if quantized else 0.0
-            self.targets[i] = (mods[i], int(L.p), np.asarray(L.leader, bool), below)
-        self.hooks = []
-        #: per configured layer, the last forward pass's predicted followers (for tests)
-        self.predicted = {}
+            out[i] = (int(L.p), np.asarray(L.leader, bool), below)
+        return out
 
-    def _hook(self, i, p, leader, below):
+    def _hook(self, i):
         def hook(mod, inp, out):
-            pred = predicted_followers(out, p, leader, below)
+            target = self.configs[self.current].get(i)
+            if target is None:                  # this layer is dense in the current plan
+                self.predicted.pop(i, None)
+                return out
+            pred = predicted_followers(out, *target)
             self.predicted[i] = pred
             return out.masked_fill(pred, 0.0)
         return hook
 
     def __enter__(self):
-        for i, (m, p, leader, below) in self.targets.items():
-            self.hooks.append(m.register_forward_hook(self._hook(i, p, leader, below)))
+        for i in sorted(set().union(*self.configs)):
+            self.hooks.append(self.mods[i].register_forward_hook(self._hook(i)))
         return self
 
     def __exit__(self, *exc):
@@ -243,7 +257,7 @@ class zero_pred_forward:
         return False
 
 
-def zero_pred_retrain(model, layers, plan: dict, x, y, *, epochs: int = RETRAIN_EPOCHS,
+def zero_pred_retrain(model, layers, plan, x, y, *, epochs: int = RETRAIN_EPOCHS,
                       lr: float = RETRAIN_LR, batch: int = 64, weight_decay: float = 1e-4,
                       seed: int = 0, distill: float = 0.0, temperature: float = 4.0,
                       quantized: bool = True, progress: bool = True):
@@ -251,13 +265,22 @@ def zero_pred_retrain(model, layers, plan: dict, x, y, *, epochs: int = RETRAIN_
 
     The 2018 paper's Sec. 2.4 (and the 2019 report's Sec. 7.2): the same network, only with
     the predictor added; it is not trainable and backpropagation is otherwise unchanged.
-    ``layers`` are the engine layers ``plan`` indexes (execution order). Deterministic for
-    a given ``seed`` (one intra-op thread). The copy is exported again by the caller.
+    ``layers`` are the engine layers ``plan`` indexes (execution order). ``plan`` may be a
+    list of plans: each mini-batch then draws one uniformly (seeded), as
+    :func:`perforation_finetune` draws rungs, so that the network learns all of them.
+    Deterministic for a given ``seed`` (one intra-op thread). The copy is exported again by
+    the caller.
     """
     teacher = model
     model = copy.deepcopy(model)
-    with zero_pred_forward(model, layers, plan, quantized=quantized):
+    rng = np.random.default_rng(seed)
+    with zero_pred_forward(model, layers, plan, quantized=quantized) as zp:
+
+        def draw():
+            if len(zp.configs) > 1:
+                zp.current = int(rng.integers(len(zp.configs)))
+
         _fit(model, teacher, x, y, epochs=epochs, lr=lr, batch=batch,
              weight_decay=weight_decay, seed=seed, distill=distill, temperature=temperature,
-             desc="retrain (zero prediction)", progress=progress)
+             before_batch=draw, desc="retrain (zero prediction)", progress=progress)
     return model.eval()
