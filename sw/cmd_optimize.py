@@ -104,7 +104,11 @@ def run(args) -> int:
             print(f"skipconv optimize: --retrain / --retrain-lr: only with --method zero_pred "
                   f"(--method {args.method})", file=sys.stderr)
             return 2
-        if args.retrain is None or args.retrain < 1:
+        if args.retrain is None:
+            print("skipconv optimize: --retrain-lr / --retrain-set need --retrain EPOCHS",
+                  file=sys.stderr)
+            return 2
+        if args.retrain < 1:
             print(f"skipconv optimize: --retrain {args.retrain}: must be a number of epochs "
                   ">= 1", file=sys.stderr)
             return 2
