@@ -317,8 +317,9 @@ def _zero_pred_retrained(model, net, splits, ev, ev_r, holdout, trail, plan, bud
     train = splits["train"]
     # "walk": one configuration per mini-batch, drawn from the target, every configuration
     # after it in the walk and the dense network (what the walk below may end on).
+    k = next(j for j, st in enumerate(trail) if st is target)   # by identity: plans hold arrays
     plans = (target["plan"] if trained_on == "target" else
-             [st["plan"] for st in trail[trail.index(target):]] + [{}])
+             [st["plan"] for st in trail[k:]] + [{}])
     model_rt = finetune.zero_pred_retrain(model, net.layers, plans, _np(train.x),
                                           _np(train.y), epochs=epochs, lr=lr,
                                           distill=distill, progress=progress)
