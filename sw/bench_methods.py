@@ -15,6 +15,10 @@ from __future__ import annotations
 HELP = "method searches on the zoo: MAC reduction at <= 1 point top-1 drop (golden, test split)"
 
 SINGLE = ("snapea", "zero_pred", "velcro", "perforation")
+#: Not run by default: zero prediction, then retraining with the predictor in the forward
+#: pass (``--retrain-epochs``); a retrained network, so not one of the single methods the
+#: joint search is compared with.
+RETRAIN = "zero_pred_retrain"
 
 
 def add_arguments(parser):
@@ -28,13 +32,22 @@ def add_arguments(parser):
     parser.add_argument("--calib", type=int, default=None, help="first N calibration images")
     parser.add_argument("--test", type=int, default=None, help="first N test images")
     parser.add_argument("--methods", default=",".join(SINGLE + ("joint",)),
-                        help="comma-separated methods to run")
+                        help="comma-separated methods to run (also zero_pred_retrain: zero "
+                             "prediction with retraining, not in the default list)")
     parser.add_argument("--joint-lazy", default=None,
                         help="joint search: moves re-checked per lazy round (default "
                              "methods.run.JOINT_LAZY_K; 'full': every round evaluates all)")
     parser.add_argument("--joint-max-seconds", type=float, default=None,
                         help="joint search: start no round after this many seconds (a "
                              "deadline; default none)")
+    parser.add_argument("--retrain-epochs", type=int, default=None, metavar="N",
+                        help=f"{RETRAIN} (a --methods name): epochs of retraining with the "
+                             "zero predictor in the forward pass (default "
+                             "methods.finetune.RETRAIN_EPOCHS)")
+    parser.add_argument("--retrain-set", default=None, choices=("target", "walk"),
+                        help=f"{RETRAIN}: train with the target configuration (default) or "
+                             "with one per mini-batch drawn from it, the configurations "
+                             "after it and the dense network (walk)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -48,18 +61,27 @@ def run(args) -> dict:
     out = Path(args.out) if args.out else cache_dir("methods", "bench")
     eps = args.eps / 100.0
     methods = [m for m in args.methods.split(",") if m]
+    if args.retrain_epochs is not None and args.retrain_epochs < 1:
+        raise SystemExit(f"skipconv bench methods: --retrain-epochs {args.retrain_epochs}: "
+                         "must be >= 1")
     figures = {"eps_points": args.eps}
     with default_executor(args.workers) as ex:
         for model in [m for m in args.models.split(",") if m]:
             loaded = load_network(model, progress=not args.quiet)
             res = {}
             for method in methods:
-                opts = None
-                if method == "joint":
+                opts, run_method = None, method
+                if method == RETRAIN:
+                    from .methods.finetune import RETRAIN_EPOCHS
+                    run_method = "zero_pred"
+                    opts = {"retrain": args.retrain_epochs or RETRAIN_EPOCHS}
+                    if args.retrain_set:
+                        opts["retrain_set"] = args.retrain_set
+                elif method == "joint":
                     opts = {k: v for k, v in (("lazy_k", args.joint_lazy),
                                               ("max_seconds", args.joint_max_seconds))
                             if v is not None}
-                s = optimize_model(model, method, eps, out / model / method, executor=ex,
+                s = optimize_model(model, run_method, eps, out / model / method, executor=ex,
                                    calib_n=args.calib, test_n=args.test, loaded=loaded,
                                    progress=not args.quiet, options=opts)
                 t = s["test"]
@@ -67,6 +89,14 @@ def run(args) -> dict:
                                "acc": round(t["acc"], 4), "acc_dense": round(t["acc_dense"], 4),
                                "drop_points": round(100 * t["drop"], 2),
                                "within_eps": t["within_eps"], "seconds": s["seconds"]}
+                if method == RETRAIN:
+                    rt = s["info"]["retrain"]
+                    res[method].update(
+                        retrained=rt["adopted"], retrain_epochs=rt["epochs"],
+                        retrain_set=rt.get("retrain_set"),
+                        retrain_seconds=rt.get("seconds"),
+                        dense_drop_calib_points=round(100 * rt["dense_drop_calib"], 2)
+                        if "dense_drop_calib" in rt else None)
                 if method == "joint":
                     res[method]["evaluations"] = s["info"].get("evaluations")
                     res[method]["stop"] = s["info"].get("stop")

@@ -61,6 +61,20 @@ def add_arguments(parser):
     parser.add_argument("--val-margin", type=float, default=None, metavar="F",
                         help="joint, zero_pred, perforation: share of eps the back-off allows "
                              "on the calibration images (default 0.5)")
+    parser.add_argument("--retrain", type=int, default=None, metavar="EPOCHS",
+                        help="zero_pred: after the search, retrain the float model for EPOCHS "
+                             "epochs on the training images with the predictor in the forward "
+                             "pass (the layer pass's most aggressive configuration within the "
+                             "search budget; predictor not trained), export it again and "
+                             "walk the layer pass again on it with the same guards; drops "
+                             "against the original dense network (e.g. 4; default: none)")
+    parser.add_argument("--retrain-lr", type=float, default=None, metavar="LR",
+                        help="zero_pred --retrain: AdamW learning rate, cosine decay to 0 "
+                             "(default 1e-4)")
+    parser.add_argument("--retrain-set", default=None, choices=("target", "walk"),
+                        help="zero_pred --retrain: train with that one configuration "
+                             "(target, default) or, per mini-batch, one drawn from it, the "
+                             "layer-pass configurations after it and the dense network (walk)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -85,6 +99,28 @@ def run(args) -> int:
                           file=sys.stderr)
                     return 2
                 options[name] = v
+    if args.retrain is not None or args.retrain_lr is not None or args.retrain_set:
+        if args.method != "zero_pred":
+            print(f"skipconv optimize: --retrain / --retrain-lr: only with --method zero_pred "
+                  f"(--method {args.method})", file=sys.stderr)
+            return 2
+        if args.retrain is None:
+            print("skipconv optimize: --retrain-lr / --retrain-set need --retrain EPOCHS",
+                  file=sys.stderr)
+            return 2
+        if args.retrain < 1:
+            print(f"skipconv optimize: --retrain {args.retrain}: must be a number of epochs "
+                  ">= 1", file=sys.stderr)
+            return 2
+        options["retrain"] = args.retrain
+        if args.retrain_set:
+            options["retrain_set"] = args.retrain_set
+        if args.retrain_lr is not None:
+            if not args.retrain_lr > 0:
+                print(f"skipconv optimize: --retrain-lr {args.retrain_lr}: must be > 0",
+                      file=sys.stderr)
+                return 2
+            options["retrain_lr"] = args.retrain_lr
     if args.ones_range:
         lo, hi = (int(v) for v in args.ones_range.split(","))
         options["ones_range"] = (lo, hi)
@@ -96,5 +132,8 @@ def run(args) -> int:
     print(json.dumps({"model": s["model"], "method": s["method"], "eps_points": args.eps,
                       "acc_dense": t["acc_dense"], "acc": t["acc"],
                       "drop_points": 100 * t["drop"], "mac_reduction": t["mac_reduction"],
-                      "within_eps": t["within_eps"], "out": str(args.out)}, indent=2))
+                      "within_eps": t["within_eps"],
+                      **({"retrained": s["info"]["retrain"]["adopted"]}
+                         if "retrain" in s["info"] else {}),
+                      "out": str(args.out)}, indent=2))
     return 0 if t["within_eps"] else 1

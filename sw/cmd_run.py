@@ -5,7 +5,8 @@ PACKAGES is one of:
 * a network folder written by ``skipconv export`` / ``ExportedNet.save`` (``manifest.json``):
   MNIST test images run through it with the engine layers on the device;
 * a folder written by ``skipconv optimize`` (``summary.json`` and ``layers/*.npz``): the zoo
-  model it names, exported again, with its configured layers;
+  model it names, exported again (or, after ``--retrain``, the retrained network saved in
+  its ``network/``), with its configured layers;
 * one or more case files (``.npz`` with ``x``, docs/semantics.md section 7): each layer runs
   once on its input (``-o DIR`` writes the result files).
 """
@@ -117,8 +118,12 @@ def _network(args):
         from . import zoo
         info = json.loads(summary.read_text())
         name = info.get("model")
-        model = zoo.get_model(name, progress=not args.quiet)
-        net = export.export(model, data.mnist_split("calib").x, spec={"zoo": name})
+        if info.get("info", {}).get("retrain", {}).get("adopted"):
+            # A retrained network (zero_pred --retrain): its own weights and scales.
+            net = export.load(folder / "network")
+        else:
+            model = zoo.get_model(name, progress=not args.quiet)
+            net = export.export(model, data.mnist_split("calib").x, spec={"zoo": name})
         files = sorted((folder / "layers").glob("*.npz"))
         if len(files) != len(net.layers):
             raise SystemExit(f"skipconv run: {folder}/layers holds {len(files)} packages; "

@@ -141,13 +141,19 @@ class NetEval:
     impacts).
     """
 
-    def __init__(self, net, x, y, g: int = 1):
+    def __init__(self, net, x, y, g: int = 1, *, reference: Evaluation | None = None):
         self.net = net
         self.x = x
         self.y = np.asarray(y, np.int64)
         self.g = int(g)
         self.layers = list(net.layers)
-        self._base = None
+        # ``reference``: the dense evaluation drops are measured against, on these same
+        # images (default: this network's own). A retrained network is judged against the
+        # original dense network, not against its own dense version.
+        if reference is not None and len(reference.pred) != len(self.y):
+            raise ValueError(f"reference has {len(reference.pred)} images; this set has "
+                             f"{len(self.y)}")
+        self._base = reference
         self._base_margins = None
         # Greedy searches change one layer at a time: the layers before it see the same input
         # with the same configuration, so their results are reused (content-keyed).
@@ -209,7 +215,7 @@ class NetEval:
 
     @property
     def base(self) -> Evaluation:
-        """The dense evaluation (cached)."""
+        """The dense evaluation (cached), or the ``reference`` given."""
         if self._base is None:
             self._base = self.run({})
         return self._base

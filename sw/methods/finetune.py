@@ -1,4 +1,11 @@
-"""Fine-tuning with perforation in the forward pass (PerforatedCNNs, NIPS 2016, Sec. 3.3).
+"""Training the float model further with a skip method in the forward pass.
+
+* :func:`perforation_finetune`: PerforatedCNNs (NIPS 2016, Sec. 3.3), below;
+* :func:`zero_pred_retrain`: zero prediction (Shomron & Weiser 2018, Sec. 2.4; the 2019
+  report, Sec. 7.2): the layer's post-ReLU output with every predicted follower set to 0,
+  exactly the predicted-zero rule of docs/semantics.md section 3, the decision not trained.
+
+Fine-tuning with perforation in the forward pass (PerforatedCNNs, NIPS 2016, Sec. 3.3):
 
 The float model is trained further on its training images with every engine layer's conv
 output perforated by a fixed mask (nearest-neighbour copies, exactly the COPY semantics of
@@ -27,11 +34,16 @@ import numpy as np
 
 from .perforation import _conv_modules, nn_table
 
-__all__ = ["perforation_finetune", "FINETUNE_EPOCHS", "FINETUNE_LR"]
+__all__ = ["perforation_finetune", "FINETUNE_EPOCHS", "FINETUNE_LR", "relu_input_modules",
+           "predicted_followers", "zero_pred_forward", "zero_pred_retrain", "RETRAIN_EPOCHS",
+           "RETRAIN_LR"]
 
 #: Fine-tuning length and learning rate (AdamW, cosine decay to 0), lenet on 3,500 images.
 FINETUNE_EPOCHS = 4
 FINETUNE_LR = 5e-4
+#: Zero-prediction retraining length and learning rate (the same optimizer and schedule).
+RETRAIN_EPOCHS = 4
+RETRAIN_LR = 1e-4
 
 
 def perforation_finetune(model, layers, ladders, x, y, *, epochs: int = FINETUNE_EPOCHS,
@@ -46,8 +58,6 @@ def perforation_finetune(model, layers, ladders, x, y, *, epochs: int = FINETUNE
     Deterministic for a given ``seed`` (one intra-op thread, like the zoo's training).
     """
     import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
 
     teacher = model
     model = copy.deepcopy(model)
@@ -63,8 +73,36 @@ def perforation_finetune(model, layers, ladders, x, y, *, epochs: int = FINETUNE
             return out if nn is None else out[:, :, nn[..., 0], nn[..., 1]]
         return hook
 
+    rng = np.random.default_rng(seed)
+
+    def draw_rungs():
+        for i, tab in enumerate(tables):
+            current[i] = tab[int(rng.integers(len(tab)))] if tab else None
+
     for i, m in enumerate(mods):
         hooks.append(m.register_forward_hook(make_hook(i)))
+    try:
+        _fit(model, teacher, x, y, epochs=epochs, lr=lr, batch=batch,
+             weight_decay=weight_decay, seed=seed, distill=distill, temperature=temperature,
+             before_batch=draw_rungs, desc="fine-tune (perforated)", progress=progress)
+    finally:
+        for h in hooks:
+            h.remove()
+    return model.eval()
+
+
+def _fit(model, teacher, x, y, *, epochs, lr, batch, weight_decay, seed, distill,
+         temperature, before_batch=None, desc="fine-tune", progress=True):
+    """Train ``model`` in place: AdamW, cosine decay to 0, seeded batches, one thread.
+
+    The model stays in eval mode: BN keeps its running statistics (the dense network and
+    the skipping forward pass see the normalization they were exported with; the zoo has no
+    dropout). ``distill`` > 0 mixes in the KL divergence to ``teacher``'s softened outputs.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
     x = torch.as_tensor(x, dtype=torch.float32)
     y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
     threads = torch.get_num_threads()
@@ -72,19 +110,17 @@ def perforation_finetune(model, layers, ladders, x, y, *, epochs: int = FINETUNE
     try:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        rng = np.random.default_rng(seed)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         steps = epochs * ((len(y) + batch - 1) // batch)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-        model.eval()                      # BN keeps its statistics; no dropout in the zoo
-        with tqdm(total=steps, desc="fine-tune (perforated)", disable=not progress,
-                  leave=False) as bar:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+        model.eval()
+        with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
             for _ in range(epochs):
                 perm = torch.randperm(len(y), generator=gen)
                 for s in range(0, len(y), batch):
                     idx = perm[s:s + batch]
-                    for i, tab in enumerate(tables):
-                        current[i] = tab[int(rng.integers(len(tab)))] if tab else None
+                    if before_batch is not None:
+                        before_batch()
                     opt.zero_grad()
                     z = model(x[idx])
                     loss = F.cross_entropy(z, y[idx])
@@ -100,9 +136,151 @@ def perforation_finetune(model, layers, ladders, x, y, *, epochs: int = FINETUNE
                     sched.step()
                     bar.update(1)
     finally:
-        for h in hooks:
-            h.remove()
         torch.set_num_threads(threads)
     for p in model.parameters():
         p.grad = None
+    return model
+
+
+# -- retraining with the zero predictor in the forward pass ------------------------------------
+
+def relu_input_modules(model, layers) -> list:
+    """The float model's module whose output feeds each engine layer's ReLU.
+
+    That is the BatchNorm2d after the layer's conv when there is one (the exporter folds it
+    into the conv), else the conv itself: found by tracing ``model`` with ``torch.fx`` and
+    following the conv named by the layer (``meta["source"]``, else ``name``) to its single
+    user, as :func:`skipconv.sw.export.fold_model` does.
+    """
+    import torch.fx
+    import torch.nn as nn
+
+    gm = torch.fx.symbolic_trace(model)
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    out = []
+    for L in layers:
+        name = L.meta.get("source") or L.name
+        node = nodes.get(name)
+        if node is None or not isinstance(model.get_submodule(name), nn.Conv2d):
+            raise ValueError(f"layer {L.name!r}: the float model has no Conv2d {name!r}")
+        users = list(node.users)
+        if (len(users) == 1 and users[0].op == "call_module"
+                and isinstance(model.get_submodule(users[0].target), nn.BatchNorm2d)):
+            name = users[0].target
+        out.append(model.get_submodule(name))
+    return out
+
+
+def predicted_followers(v, p: int, leader, zero_below: float = 0.0):
+    """Bool ``(N, C, H, W)``: the followers that zero prediction outputs as 0.
+
+    ``leader`` is the ``(C, H, W)`` mask of ``p x p`` windows tiled from (0, 0). A leader is
+    zero when ``v <= zero_below``: ``v`` the layer's output before or after its ReLU, 0 for
+    the exact float rule or for the engine's integer outputs; the exported layer outputs 0
+    below half its output step (``0.5 * s_y``: requantization rounds to nearest), which is
+    what :class:`zero_pred_forward` uses so that training sees the windows the engine
+    predicts. A window is predicted when every leader inside the ofmap is zero (positions
+    outside do not exist and count as zero leaders, docs/semantics.md section 3); its
+    followers are.
+    """
+    import torch
+
+    leader = torch.as_tensor(np.asarray(leader, bool))
+    n, c, h, w = v.shape
+    hp, wp = -(-h // p) * p, -(-w // p) * p
+    live = torch.zeros((n, c, hp, wp), dtype=torch.bool)
+    live[:, :, :h, :w] = leader & (v.detach() > zero_below)
+    win = ~live.view(n, c, hp // p, p, wp // p, p).any(dim=5).any(dim=3)
+    full = win.repeat_interleave(p, dim=2).repeat_interleave(p, dim=3)[:, :, :h, :w]
+    return full & ~leader
+
+
+class zero_pred_forward:
+    """Context manager: the zero predictor of ``plan`` in ``model``'s forward pass.
+
+    ``plan`` is ``{engine layer index: Layer}`` (``p``, ``leader`` and ``meta["s_y"]`` are
+    used); each configured layer's ReLU input gets its predicted followers set to 0, so that
+    after the ReLU the float layer outputs what the engine does with that predictor: leaders
+    and unpredicted followers as computed, predicted followers 0. A leader counts as zero
+    where the exported layer outputs 0 (``quantized``, the default: below ``0.5 * s_y``;
+    else exactly where the float ReLU does). The decision is a constant of the forward
+    pass (no gradient through it, the predictor is not trained); gradients flow unchanged
+    through every other output. Layers that also hold CONST / COPY positions are refused
+    (their float semantics is not this one's).
+
+    ``plan`` may also be a list of plans: :attr:`current` (an index, default 0) says which
+    one the forward pass applies (retraining draws one per mini-batch).
+    """
+
+    def __init__(self, model, layers, plan, *, quantized: bool = True):
+        self.mods = relu_input_modules(model, layers)
+        plans = [plan] if isinstance(plan, dict) else list(plan)
+        self.configs = [self._targets(pl, quantized) for pl in plans]
+        self.current = 0
+        self.hooks = []
+        #: per configured layer, the last forward pass's predicted followers (for tests)
+        self.predicted = {}
+
+    @staticmethod
+    def _targets(plan, quantized):
+        out = {}
+        for i, L in plan.items():
+            if not L.p:
+                continue
+            if L.kind is not None and np.asarray(L.kind).any():
+                raise ValueError(f"layer {i} ({L.name!r}): zero prediction combined with "
+                                 "CONST / COPY positions cannot be retrained here")
+            below = 0.5 * float(L.meta["s_y"]) if quantized else 0.0
+            out[i] = (int(L.p), np.asarray(L.leader, bool), below)
+        return out
+
+    def _hook(self, i):
+        def hook(mod, inp, out):
+            target = self.configs[self.current].get(i)
+            if target is None:                  # this layer is dense in the current plan
+                self.predicted.pop(i, None)
+                return out
+            pred = predicted_followers(out, *target)
+            self.predicted[i] = pred
+            return out.masked_fill(pred, 0.0)
+        return hook
+
+    def __enter__(self):
+        for i in sorted(set().union(*self.configs)):
+            self.hooks.append(self.mods[i].register_forward_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        return False
+
+
+def zero_pred_retrain(model, layers, plan, x, y, *, epochs: int = RETRAIN_EPOCHS,
+                      lr: float = RETRAIN_LR, batch: int = 64, weight_decay: float = 1e-4,
+                      seed: int = 0, distill: float = 0.0, temperature: float = 4.0,
+                      quantized: bool = True, progress: bool = True):
+    """A copy of ``model`` retrained on ``(x, y)`` with ``plan``'s predictor in the forward pass.
+
+    The 2018 paper's Sec. 2.4 (and the 2019 report's Sec. 7.2): the same network, only with
+    the predictor added; it is not trainable and backpropagation is otherwise unchanged.
+    ``layers`` are the engine layers ``plan`` indexes (execution order). ``plan`` may be a
+    list of plans: each mini-batch then draws one uniformly (seeded), as
+    :func:`perforation_finetune` draws rungs, so that the network learns all of them.
+    Deterministic for a given ``seed`` (one intra-op thread). The copy is exported again by
+    the caller.
+    """
+    teacher = model
+    model = copy.deepcopy(model)
+    rng = np.random.default_rng(seed)
+    with zero_pred_forward(model, layers, plan, quantized=quantized) as zp:
+
+        def draw():
+            if len(zp.configs) > 1:
+                zp.current = int(rng.integers(len(zp.configs)))
+
+        _fit(model, teacher, x, y, epochs=epochs, lr=lr, batch=batch,
+             weight_decay=weight_decay, seed=seed, distill=distill, temperature=temperature,
+             before_batch=draw, desc="retrain (zero prediction)", progress=progress)
     return model.eval()

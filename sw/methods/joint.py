@@ -284,9 +284,15 @@ def lazy_moves(moves: list, scores: dict, k: int) -> list:
     return fresh + known[:k]
 
 
-def check(net, plan: dict, x, y, eps: float, g: int = 1, *, progress: bool = True) -> dict:
-    """Golden execution of the dense network and of ``plan`` on ``(x, y)``; the eps verdict."""
-    dense = golden_eval(net, {}, x, y, g, progress=progress, desc="golden dense")
+def check(net, plan: dict, x, y, eps: float, g: int = 1, *, progress: bool = True,
+          reference=None) -> dict:
+    """Golden execution of the dense network and of ``plan`` on ``(x, y)``; the eps verdict.
+
+    ``reference``: the network whose dense run the drop is measured against (default
+    ``net``; a retrained ``net`` is judged against the original network).
+    """
+    dense = golden_eval(reference if reference is not None else net, {}, x, y, g,
+                        progress=progress, desc="golden dense")
     conf = golden_eval(net, plan, x, y, g, progress=progress, desc="golden plan")
     drop = dense.acc - conf.acc
     return {"acc_dense": dense.acc, "acc": conf.acc, "drop": drop,

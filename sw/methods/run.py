@@ -28,7 +28,7 @@ import numpy as np
 
 from ..layer import atomic_write_bytes, save
 from . import joint, perforation, snapea, velcro, zero_pred
-from .common import HeldOut, NetEval
+from .common import HeldOut, NetEval, validate_plan
 from .executor import Executor, SerialExecutor
 
 __all__ = ["METHODS", "load_network", "optimize_model", "SPECIALIZED"]
@@ -110,6 +110,13 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
     info = {"search_budget": budget}
     trajectory = []
     holdout = None
+    net_c, ev_c = net, ev                  # the network the result runs on (retraining: a new one)
+    retrain = _retrain_epochs(options.get("retrain"))
+    if retrain and method != "zero_pred":
+        raise ValueError(f"retrain = {options['retrain']!r}: only for method zero_pred "
+                         f"(method = {method!r})")
+    if options.get("retrain_set", "target") not in ("target", "walk"):
+        raise ValueError(f"retrain_set = {options['retrain_set']!r}: must be target or walk")
 
     if method in ("zero_pred", "perforation"):
         # Ranked on augmented training images, backed off on the calibration images (as the
@@ -137,11 +144,16 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
     elif method == "zero_pred":
         mode = options.get("mode", "uniform_layer")
         p = int(options.get("p", 2))
+        trail = []
         plan = zero_pred.optimize(ev_r, budget, mode=mode, p=p,
                                   ones_range=options.get("ones_range"),
                                   gt=int(options.get("gt", 2)), executor=executor,
-                                  holdout=holdout, progress=progress)
+                                  holdout=holdout, trail=trail, progress=progress)
         info.update(mode=mode, p=p)
+        if retrain:
+            net_c, ev_c, plan, info["retrain"] = _zero_pred_retrained(
+                model, net, splits, ev, ev_r, holdout, trail, plan, budget, retrain, options,
+                g, progress)
         diag = []
         for pp in (2, 3, 4, 5):
             dplan = {i: zero_pred.diagonal(L, pp) for i, L in enumerate(ev.layers)}
@@ -222,16 +234,22 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
     if holdout is not None:
         info.update(val_checks=holdout.history, val_drops=holdout.drops,
                     chosen_step=holdout.chosen())
-    search = ev.run(plan)
-    verdict = joint.check(net, plan, _np(test.x), _np(test.y), eps, g, progress=progress)
+    search = ev_c.run(plan)
+    # Drops against the original dense network (a retrained net_c included).
+    verdict = joint.check(net_c, plan, _np(test.x), _np(test.y), eps, g, progress=progress,
+                          reference=net)
     dense_t, conf_t = verdict.pop("dense"), verdict.pop("configured")
 
     # Layer packages: every engine layer, configured or as exported.
-    layers = [plan.get(i, L) for i, L in enumerate(ev.layers)]
+    layers = [plan.get(i, L) for i, L in enumerate(ev_c.layers)]
     for i, L in enumerate(layers):
         save(out / "layers" / f"{i:02d}_{L.name or 'layer'}.npz", L)
+    if net_c is not net:
+        # The retrained network's own weights and scales (``skipconv run DIR`` loads these;
+        # the zoo's would not match the packages).
+        net_c.save(out / "network")
 
-    stats = _statistics(net, ev, plan, test, classes or SPECIALIZED, g)
+    stats = _statistics(net_c, ev_c, plan, test, classes or SPECIALIZED, g)
     atomic_write_bytes(out / "stats.npz", _npz(stats))
     summary = {
         "model": model_name, "method": method, "eps": eps, "g": g,
@@ -248,6 +266,98 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
     atomic_write_bytes(out / "summary.json",
                        json.dumps(summary, indent=2, default=_json_default).encode())
     return summary
+
+
+def _retrain_epochs(v):
+    """``retrain`` option: epochs of zero-prediction retraining (``None`` / 0: none)."""
+    if v in (None, 0, False):
+        return 0
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"retrain = {v!r}: must be a number of epochs >= 1 (0 / None: off)")
+    return int(v)
+
+
+def _zero_pred_retrained(model, net, splits, ev, ev_r, holdout, trail, plan, budget, epochs,
+                         options, g, progress):
+    """Retrain with the predictor in the forward pass, export again, walk the layer pass again.
+
+    The target is the most aggressive layer-pass configuration within the budget on the
+    search images (the first the back-off checked; the chosen one when it passed): the
+    network is taught to tolerate what the search would take if the calibration images let
+    it. Retrained on the whole training split (``finetune.zero_pred_retrain``), exported
+    again with the calibration images (its own scales), then the same walk (the same
+    configurations in the same order, the masks put on the new layers) runs on it with the
+    same guards, drops measured against the *original* dense network on both image sets.
+    The first configuration within both is the result if it saves more MACs on the
+    calibration images than the search's without retraining; else (or none) the search's.
+    ``options["retrain_set"] = "walk"``: each mini-batch draws one of the target, the
+    configurations after it and the dense network instead (``finetune.zero_pred_retrain``).
+    Returns ``(net, ev, plan, info)``.
+    """
+    from .. import export
+    from . import finetune
+
+    t0 = time.monotonic()
+    lr = float(options.get("retrain_lr", finetune.RETRAIN_LR))
+    if not lr >= 0:
+        raise ValueError(f"retrain_lr = {options.get('retrain_lr')!r}: must be >= 0")
+    distill = float(options.get("retrain_distill", 0.0))
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"retrain_distill = {options.get('retrain_distill')!r}: must be a "
+                         "weight in 0..1")
+    trained_on = options.get("retrain_set", "target")
+    info = {"epochs": epochs, "lr": lr, "distill": distill, "retrain_set": trained_on,
+            "adopted": False, "target": None, "checks": []}
+    ok = [s for s in trail if s["search_drop"] is not None and s["search_drop"] <= budget + 1e-12]
+    target = ok[0] if ok else (trail[-1] if trail else None)
+    if target is None:
+        info["reason"] = "the layer pass has no configuration to retrain with"
+        return net, ev, plan, info              # nothing trained: no seconds spent
+    info["target"] = target["label"]
+    train = splits["train"]
+    # "walk": one configuration per mini-batch, drawn from the target, every configuration
+    # after it in the walk and the dense network (what the walk below may end on).
+    k = next(j for j, st in enumerate(trail) if st is target)   # by identity: plans hold arrays
+    plans = (target["plan"] if trained_on == "target" else
+             [st["plan"] for st in trail[k:]] + [{}])
+    model_rt = finetune.zero_pred_retrain(model, net.layers, plans, _np(train.x),
+                                          _np(train.y), epochs=epochs, lr=lr,
+                                          distill=distill, progress=progress)
+    net_rt = export.export(model_rt, splits["calib"].x, spec=dict(net.spec))
+    info["train_seconds"] = round(time.monotonic() - t0, 1)
+    ev_rt = NetEval(net_rt, ev.x, ev.y, g, reference=ev.base)
+    ev_r_rt = ev_rt if ev_r is ev else NetEval(net_rt, ev_r.x, ev_r.y, g, reference=ev_r.base)
+    ho = (HeldOut(ev_rt, holdout.eps, holdout.margin, holdout.stop) if holdout is not None
+          else None)
+    # The retrained dense network, against the original (what retraining alone costs).
+    info["dense_drop_calib"] = ev_rt.base.acc - ev_rt.guarded_acc(ev_rt.run({}))
+    chosen = None
+    for step in trail:
+        cand = {i: zero_pred.apply(net_rt.layers[i], L.p, L.leader)
+                for i, L in step["plan"].items()}
+        r = ev_r_rt.run(cand)
+        drop = ev_r_rt.base.acc - ev_r_rt.guarded_acc(r)
+        check = {"step": step["label"], "search_drop": drop}
+        info["checks"].append(check)
+        if drop <= budget + 1e-12 and (ho is None or ho.within(ho.check(cand, step["label"]))):
+            chosen = cand
+            break
+    if ho is not None:
+        info["val_checks"] = ho.history
+    info["calib_mac_reduction_without"] = without = ev.run(plan).mac_reduction
+    info["seconds"] = round(time.monotonic() - t0, 1)
+    if chosen is None:
+        info["reason"] = "no configuration within the guards on the retrained network"
+        return net, ev, plan, info
+    validate_plan(chosen, net_rt.layers, g)
+    info.update(chosen=check["step"], calib_mac_reduction=ev_rt.run(chosen).mac_reduction)
+    # Both are within the same guards; the retrained network only replaces the original
+    # when it saves more on the calibration images (vgg_small, "walk": 0.062 < 0.087).
+    if info["calib_mac_reduction"] <= without:
+        info["reason"] = "saves no more MACs on the calibration images than without retraining"
+        return net, ev, plan, info
+    info["adopted"] = True
+    return net_rt, ev_rt, chosen, info
 
 
 def _augmented(net, splits, options, g):

@@ -300,7 +300,8 @@ def _targets(ev, layers, mode, p, gt):
 def optimize(ev: NetEval, eps: float, *, mode: str = "uniform_layer", p: int = 2,
              ones_range=None, gt: int = 2, top_m: int = 3, layers=None, base_plan=None,
              executor: Executor | None = None, max_patterns: int = 16,
-             holdout: HeldOut | None = None, progress: bool = True) -> dict:
+             holdout: HeldOut | None = None, trail: list | None = None,
+             progress: bool = True) -> dict:
     """The 2019 report's optimizer; returns the plan (``base_plan`` plus leader masks).
 
     ``eps`` is the allowed (guarded) top-1 drop, a fraction, on ``ev``'s images (the search
@@ -310,6 +311,11 @@ def optimize(ev: NetEval, eps: float, *, mode: str = "uniform_layer", p: int = 2
     split): the layer pass's walk down also requires the held-out guarded drop within the
     holdout's ``eps * margin``; every configuration within ``eps`` on ``ev`` is checked there
     (``holdout.history``) until one is, and the base plan is returned if none is.
+
+    ``trail`` (a list, filled): every configuration of the layer pass in its walk order,
+    evaluated or not, as a dict: ``label`` (``{str(layer): record index or None}``, as in
+    ``holdout.history``), ``plan`` and ``search_drop`` (guarded drop on ``ev``, ``None``
+    past the walk's stop). Retraining re-walks it (``run.optimize_model``).
     """
     from tqdm import tqdm
 
@@ -363,23 +369,39 @@ def optimize(ev: NetEval, eps: float, *, mode: str = "uniform_layer", p: int = 2
 
     # Layer quantizer: all layers at their best record, walk down until within eps.
     per_layer = {path[0]: recs for path, recs in level.items() if recs}
-    pos = {i: 0 for i in per_layer}
+    walk = list(_layer_walk(per_layer))
+    steps = [{"label": {str(i): k for i, k in pos.items()},
+              "plan": _plan_of(ev, base_plan, _overlay(
+                  [per_layer[i][k] for i, k in pos.items() if k is not None]), p, pats),
+              "search_drop": None} for pos in walk]
+    if trail is not None:
+        trail.extend(steps)
     best = None
-    for _ in range(sum(len(r) for r in per_layer.values()) + 1):
+    for pos, step in zip(walk, steps):
         active = [per_layer[i][k] for i, k in pos.items() if k is not None]
-        if not active:
-            break
         rec = evaluate([_overlay(active)])[0]
+        step["search_drop"] = rec.err
         if rec.err <= eps and (holdout is None or holdout.within(holdout.check(
                 _plan_of(ev, base_plan, rec.choice, p, pats),
                 {str(i): k for i, k in pos.items()}))):
             best = rec
             break
-        # UpdateMask: the layer whose record costs the most accuracy per saved MAC steps down.
+    plan = _plan_of(ev, base_plan, best.choice, p, pats) if best else base_plan
+    validate_plan(plan, ev.layers, ev.g)
+    return plan
+
+
+def _layer_walk(per_layer: dict):
+    """The layer pass's configurations, most aggressive first: ``{layer: record index or None}``.
+
+    All layers start at their best record; each step, ``UpdateMask`` moves the layer whose
+    record costs the most accuracy per saved MAC to its next record (``None`` = off, after
+    its last). The order depends on the records only, so it can be listed before evaluating.
+    """
+    pos = {i: 0 for i in per_layer}
+    while any(k is not None for k in pos.values()):
+        yield dict(pos)
         worst = max((i for i, k in pos.items() if k is not None),
                     key=lambda i: (per_layer[i][pos[i]].err + 1e-3 * per_layer[i][pos[i]].nll)
                     / max(per_layer[i][pos[i]].saved, 1))
         pos[worst] = pos[worst] + 1 if pos[worst] + 1 < len(per_layer[worst]) else None
-    plan = _plan_of(ev, base_plan, best.choice, p, pats) if best else base_plan
-    validate_plan(plan, ev.layers, ev.g)
-    return plan
