@@ -6,19 +6,11 @@ Small budgets: a few dozen to a few hundred images and short option ladders.
 import numpy as np
 import pytest
 
-from skipconv.sw import data, export, golden, zoo
+from skipconv.sw import data, export, golden
 from skipconv.sw.layer import load, save
 from skipconv.sw.methods import joint, perforation, snapea, velcro, zero_pred
 from skipconv.sw.methods.common import NetEval, golden_eval
 from skipconv.sw.methods.emulate import emulate
-
-
-@pytest.fixture(scope="module")
-def lenet():
-    model = zoo.get_model("lenet", progress=False)
-    splits = data.mnist_split()
-    net = export.export(model, splits["calib"].x, spec={"zoo": "lenet"})
-    return model, net, splits
 
 
 def _ev(net, split, n):

@@ -12,19 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from skipconv.sw import data, export, golden, zoo
+from skipconv.sw import export, golden
 from skipconv.sw.layer import load, save
 from skipconv.sw.methods import finetune, zero_pred
 from skipconv.sw.methods.common import NetEval
 from skipconv.sw.methods.emulate import emulate
-
-
-@pytest.fixture(scope="module")
-def lenet():
-    model = zoo.get_model("lenet", progress=False)
-    splits = data.mnist_split()
-    net = export.export(model, splits["calib"].x, spec={"zoo": "lenet"})
-    return model, net, splits
 
 
 def _random_leaders(L, p, seed):
