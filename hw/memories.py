@@ -3,9 +3,10 @@
 Every engine memory is written at load time (by the loader) or during compute (by the writer)
 and read at RUN or once its writer is done; the UART framer's buffers are filled and drained
 in separate phases. So a read and a write of one address never happen in the same cycle.
-Declared so (``no_rw_check``), yosys maps each memory to block RAM with nothing around it; otherwise it emulates read-before-write on collisions with an address
-compare, a data register and a mux on every read port: about 40 LUT4 and 48 FF per 18-bit
-DP16KD on ECP5, and a mux right behind the block RAM's output.
+Declared so (``no_rw_check``), yosys maps each memory to block RAM with nothing around it;
+otherwise it emulates read-before-write on collisions with an address compare, a data
+register and a mux on every read port: about 40 LUT4 and 48 FF per 18-bit DP16KD on ECP5,
+and a mux right behind the block RAM's output.
 
 yosys honours ``no_rw_check`` where it merges a read register into the memory, so a
 synchronous read is written as an asynchronous read port plus a register

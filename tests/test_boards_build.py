@@ -78,3 +78,48 @@ def test_ulx3s_small_build_to_bitstream():
     assert {k: packed[k] for k in ("luts", "ffs", "dsps", "brams")} == \
         {k: report[k] for k in ("luts", "ffs", "dsps", "brams")}
     assert not packed.get("fmax") and "bitstream" not in packed
+
+
+@pytest.mark.parametrize("checked", [False, True])
+def test_no_collision_memory_is_block_ram_alone(tmp_path, checked):
+    """hw/memories.py: yosys maps a no_collision_memory read to one DP16KD with no logic
+    around it; an ordinary synchronous read port gets the collision emulation (the check)."""
+    import re
+    import subprocess
+
+    from amaranth import Elaboratable, Module, Signal
+    from amaranth.back import rtlil
+    from amaranth.lib.memory import Memory
+
+    from skipconv.boards.build import toolchain_env
+    from skipconv.hw.memories import no_collision_memory, registered_read
+
+    class Top(Elaboratable):
+        def __init__(self):
+            self.wa, self.ra = Signal(10), Signal(10)
+            self.wd, self.rd, self.we = Signal(18), Signal(18), Signal()
+
+        def elaborate(self, platform):
+            m = Module()
+            if checked:
+                m.submodules.mem = mem = Memory(shape=18, depth=1024, init=[])
+                rp = mem.read_port()
+            else:
+                m.submodules.mem = mem = no_collision_memory(shape=18, depth=1024)
+                rp = registered_read(m, mem, "rd")
+            wp = mem.write_port()
+            m.d.comb += [wp.addr.eq(self.wa), wp.data.eq(self.wd), wp.en.eq(self.we),
+                         rp.addr.eq(self.ra), self.rd.eq(rp.data)]
+            return m
+
+    top = Top()
+    (tmp_path / "t.il").write_text(rtlil.convert(top, ports=[top.wa, top.ra, top.wd, top.rd,
+                                                              top.we]))
+    subprocess.run([toolchain_env()["YOSYS"], "-q", "-p",
+                    "read_rtlil t.il; synth_ecp5 -top top; tee -q -o stat.txt stat"],
+                   cwd=tmp_path, env=toolchain_env(), check=True)
+    cells = {k: int(n) for n, k in re.findall(r"^\s+(\d+)\s+(\w+)\s*$",
+                                               (tmp_path / "stat.txt").read_text(), re.M)}
+    assert cells.get("DP16KD") == 1
+    logic = cells.get("LUT4", 0) + cells.get("TRELLIS_FF", 0)
+    assert (logic > 0) if checked else (logic == 0), cells
