@@ -259,6 +259,13 @@ class PE(wiring.Component):
 
         win_push = Signal()
         ring_push = Signal()
+        # A decided window waits here for a result FIFO slot the ring leaves free: the
+        # decision then never waits on the ring's finishing context, which kept the ring's
+        # turn-around (c0_end, ring_push) in front of the scanner's unit registers.
+        win_pending = Signal()
+        win_widx = Signal(hp.ofa_bits)
+        win_fired = Signal()
+        win_write = Signal()
 
         # A scan starts from one slot: the head's followers (``scan_fol``) or the next
         # unscanned unit's leaders. One slot select feeds one unit mux, not one per case.
@@ -287,7 +294,7 @@ class PE(wiring.Component):
             # the oldest unit is scanned and all its leaders are back: decide it
             with m.If(~zp):
                 m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
-            with m.Elif(~ring_push & res.w_rdy):
+            with m.Elif(~win_pending):
                 m.d.comb += [win_push.eq(1)]
                 with m.If(head_nz):
                     m.d.comb += [scan_go.eq(1), scan_fol.eq(1)]
@@ -323,9 +330,15 @@ class PE(wiring.Component):
             m.d.comb += [res.w_en.eq(1), res_in.win.eq(0), res_in.oaddr.eq(c0.oaddr),
                          res_in.c.eq(c0.c), res_in.psum.eq(c0.psum), res_in.fired.eq(fired),
                          res_in.e.eq(c0.e), res_in.leader.eq(c0.leader), res_in.slot.eq(c0.slot)]
-        with m.Elif(win_push):
-            m.d.comb += [res.w_en.eq(1), res_in.win.eq(1), res_in.oaddr.eq(slot_unit_widx(
-                m, slot_unit, head, hp)), res_in.fired.eq(~head_nz)]
+        with m.Elif(win_write):
+            m.d.comb += [res.w_en.eq(1), res_in.win.eq(1), res_in.oaddr.eq(win_widx),
+                         res_in.fired.eq(win_fired)]
+        m.d.comb += win_write.eq(win_pending & ~finishing & res.w_rdy)
+        with m.If(win_push):
+            m.d.sync += [win_pending.eq(1), win_widx.eq(slot_unit_widx(m, slot_unit, head, hp)),
+                         win_fired.eq(~head_nz)]
+        with m.Elif(win_write):
+            m.d.sync += win_pending.eq(0)
 
         def next_issue(e):
             """Tap count after issuing ``g`` taps from ``e``, and the lanes holding one."""
@@ -431,7 +444,7 @@ class PE(wiring.Component):
 
         busy = Signal()
         m.d.comb += busy.eq(Cat(*[k.valid for k in ctx]).any() | (count != 0) | scanning |
-                            b_valid | rq.r_rdy | res.r_rdy)
+                            b_valid | win_pending | rq.r_rdy | res.r_rdy)
         m.d.comb += self.idle.eq(~busy)
         return m
 
