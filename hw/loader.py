@@ -34,7 +34,7 @@ PLAN_FEATURES = (FEATURE_BITS["zero_pred"] | FEATURE_BITS["velcro"]
 class _Faults:
     """The faults the loader can answer, each known by a small index.
 
-    A fault site registers its index and, under a one-bit ``fault``, the word being taken;
+    A fault site registers its index; the loader keeps every word taken while it may fault;
     one lookup forms ``err_code`` and the 32-bit detail (a field of that word, a register
     that stays put until the reply, or a constant) the cycle after. Each site assigning its
     own code and 32-bit detail made a 40-bit priority mux over all ~45 sites (on iCE40 the
@@ -297,16 +297,11 @@ class Loader(wiring.Component):
         m.d.comb += tt_r.addr.eq(data[16:32])
 
         content_fault = Signal()
-        fault = Signal()                      # any fault this cycle
         faults = _Faults(data)
         err_sel = Signal(6)                   # the fault (_Faults)
         err_word = Signal(32)                 # the word taken at the fault
-        # registered under the one-bit ``fault``, not at every fault site (a 32-bit mux each)
-        with m.If(fault):
-            m.d.sync += err_word.eq(data)
 
         def fail(code, detail, drop=True, content=True):
-            m.d.comb += fault.eq(1)
             if content:
                 m.d.comb += content_fault.eq(1)
             m.d.sync += err_sel.eq(faults.index(code, detail))
@@ -327,7 +322,7 @@ class Loader(wiring.Component):
             with m.Else():
                 m.next = "SUCCEED"
 
-        with m.FSM(name="loader"):
+        with m.FSM(name="loader") as fsm:
             with m.State("HDR0"):
                 m.d.comb += self.words.ready.eq(1)
                 with m.If(take):
@@ -507,6 +502,11 @@ class Loader(wiring.Component):
             with m.State("RUNNING"):
                 with m.If(self.run_done):
                     m.next = "HDR0"
+        # Every word taken where a fault can occur is kept: a fault leaves those states, so
+        # the word kept is the faulting one. Registering it under "any fault" put the whole
+        # check logic in front of 32 enables (the routed critical path).
+        with m.If(take & (fsm.ongoing("HDR0") | fsm.ongoing("HDR1") | fsm.ongoing("BODY"))):
+            m.d.sync += err_word.eq(data)
         assert len(faults) <= 2 ** len(err_sel)
         faults.decode(m, err_sel, err_word, err_code, err_detail)
         return m
