@@ -140,8 +140,11 @@ class Responder(wiring.Component):
         ro_wrow = Signal(hp.ofn_bits)       # window index of (wy, 0) in channel order
         ro_wcols = Signal(hp.ofn_bits)      # windows per row (counted on the first row)
         inflight = Signal(3)
+        # Registered, so the FIFO level and the in-flight count are not in front of every
+        # readout counter's enable: level + inflight grows by at most one a cycle, so one
+        # slot more margin keeps the old bound (a routed critical path at lanes 2).
         credit = Signal()
-        m.d.comb += credit.eq(fifo.level + inflight + 1 < OUT_DEPTH)
+        m.d.sync += credit.eq(fifo.level + inflight + 2 < OUT_DEPTH)
         go = Signal()
         m.d.comb += go.eq(issuing & credit)
         last_pos = Signal()
