@@ -62,12 +62,14 @@ def add_arguments(parser):
                         help="joint, zero_pred, perforation: share of eps the back-off allows "
                              "on the calibration images (default 0.5)")
     parser.add_argument("--retrain", type=int, default=None, metavar="EPOCHS",
-                        help="zero_pred: after the search, retrain the float model for EPOCHS "
+                        help="zero_pred, joint: after the search, retrain the float model for EPOCHS "
                              "epochs on the training images with the predictor in the forward "
                              "pass (the layer pass's most aggressive configuration within the "
                              "search budget; predictor not trained), export it again and "
                              "walk the layer pass again on it with the same guards; drops "
-                             "against the original dense network (e.g. 4; default: none)")
+                             "against the original dense network (joint: with the trajectory's "
+                             "steps past the back-off's choice, all four methods emulated, "
+                             "then those steps walked again; e.g. 4; default: none)")
     parser.add_argument("--retrain-lr", type=float, default=None, metavar="LR",
                         help="zero_pred --retrain: AdamW learning rate, cosine decay to 0 "
                              "(default 1e-4)")
@@ -100,9 +102,13 @@ def run(args) -> int:
                     return 2
                 options[name] = v
     if args.retrain is not None or args.retrain_lr is not None or args.retrain_set:
-        if args.method != "zero_pred":
+        if args.method not in ("zero_pred", "joint"):
             print(f"skipconv optimize: --retrain / --retrain-lr: only with --method zero_pred "
-                  f"(--method {args.method})", file=sys.stderr)
+                  f"or joint (--method {args.method})", file=sys.stderr)
+            return 2
+        if args.retrain_set and args.method != "zero_pred":
+            print("skipconv optimize: --retrain-set: only with --method zero_pred",
+                  file=sys.stderr)
             return 2
         if args.retrain is None:
             print("skipconv optimize: --retrain-lr / --retrain-set need --retrain EPOCHS",

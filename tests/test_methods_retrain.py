@@ -251,7 +251,7 @@ def test_retrain_options_are_checked_by_name(lenet, tmp_path, capsys):
     with pytest.raises(ValueError, match="retrain_set = 'all': must be target or walk"):
         run.optimize_model("lenet", "zero_pred", 0.01, tmp_path, loaded=lenet,
                            progress=False, options={"retrain": 2, "retrain_set": "all"})
-    with pytest.raises(ValueError, match="retrain = 2: only for method zero_pred"):
+    with pytest.raises(ValueError, match="retrain = 2: only for methods zero_pred and joint"):
         run.optimize_model("lenet", "snapea", 0.01, tmp_path, loaded=lenet,
                            progress=False, options={"retrain": 2})
     assert main(["optimize", "lenet", "--method", "zero_pred", "--retrain", "0", "-o",

@@ -36,7 +36,7 @@ from .perforation import _conv_modules, nn_table
 
 __all__ = ["perforation_finetune", "FINETUNE_EPOCHS", "FINETUNE_LR", "relu_input_modules",
            "predicted_followers", "zero_pred_forward", "zero_pred_retrain", "RETRAIN_EPOCHS",
-           "RETRAIN_LR"]
+           "RETRAIN_LR", "plan_forward", "joint_retrain"]
 
 #: Fine-tuning length and learning rate (AdamW, cosine decay to 0), lenet on 3,500 images.
 FINETUNE_EPOCHS = 4
@@ -283,4 +283,164 @@ def zero_pred_retrain(model, layers, plan, x, y, *, epochs: int = RETRAIN_EPOCHS
         _fit(model, teacher, x, y, epochs=epochs, lr=lr, batch=batch,
              weight_decay=weight_decay, seed=seed, distill=distill, temperature=temperature,
              before_batch=draw, desc="retrain (zero prediction)", progress=progress)
+    return model.eval()
+
+
+# -- retraining with a joint configuration in the forward pass ---------------------------------
+
+class plan_forward:
+    """Context manager: every skip of ``plan`` (any mix of the four methods) in ``model``'s
+    forward pass, so that each configured float layer outputs what the engine layer does.
+
+    At the module that feeds each configured layer's ReLU (:func:`relu_input_modules`), in
+    the order of docs/semantics.md: (1) SnaPEA's predictive stop: COMPUTE positions whose
+    partial sum after the ``spec[c]`` speculative taps of ``order[c]`` is ``<= th[c]`` output
+    0 (the partial sum of the float layer with its BatchNorm folded in, as the exporter folds
+    it, from the conv's input; ``th`` back in float units, ``th * s_x * s_w[c]`` of the
+    exported layer the plan was configured on; exact termination never changes an output and
+    needs nothing); (2) CONST positions (VELCRO) output their stored average, ``const *
+    s_y``; (3) zero prediction: predicted COMPUTE followers output 0, leaders counted with
+    their value after (1) and (2) (CONST leaders with their constant), zero below ``0.5 *
+    s_y`` (:func:`predicted_followers`); (4) COPY positions (perforation) take the value of
+    their NN target. All decisions are constants of the forward pass (no gradient through
+    them; stopped, CONST and predicted positions pass none); COPY passes its gradient to its
+    target, as :func:`perforation_finetune` does; everything else is unchanged.
+
+    ``plan`` may be a list of plans: :attr:`current` (an index, default 0) says which one
+    the forward pass applies.
+    """
+
+    def __init__(self, model, layers, plan):
+        import torch.nn as nn
+
+        self.model = model
+        self.mods = relu_input_modules(model, layers)
+        self.convs = [model.get_submodule(L.meta.get("source") or L.name) for L in layers]
+        self.bns = [m if isinstance(m, nn.BatchNorm2d) else None for m in self.mods]
+        plans = [plan] if isinstance(plan, dict) else list(plan)
+        self.configs = [{i: self._target(L) for i, L in pl.items()} for pl in plans]
+        self.current = 0
+        self.hooks = []
+        self._inputs = {}
+        #: per configured layer, the last forward pass's positions by rule (for tests):
+        #: ``{"stopped", "predicted"}`` bool tensors
+        self.last = {}
+
+    @staticmethod
+    def _target(L):
+        import torch
+
+        t = {"s_y": float(L.meta["s_y"])}
+        if L.kind is not None and np.asarray(L.kind).any():
+            kind = np.asarray(L.kind)
+            t["const"] = torch.as_tensor(kind == 1)
+            t["const_v"] = torch.as_tensor(np.asarray(L.const, np.float64) * t["s_y"],
+                                           dtype=torch.float32)
+            t["compute"] = torch.as_tensor(kind == 0)
+            if (kind == 2).any():
+                t["copy"] = torch.as_tensor(kind == 2)
+                t["nn"] = torch.as_tensor(np.asarray(L.nn, np.int64))
+        if L.p:
+            t["zp"] = (int(L.p), np.asarray(L.leader, bool), 0.5 * t["s_y"])
+        if L.et == "predictive":
+            cout, cin, k, _ = L.w.shape
+            mask = np.zeros((cout, cin * k * k), np.float32)
+            for c in range(cout):
+                mask[c, np.asarray(L.order[c])[: int(L.spec[c])]] = 1.0
+            th = (np.asarray(L.th, np.float64) * float(L.meta["s_x"])
+                  * np.asarray(L.meta["s_w"], np.float64))
+            t["spec_mask"] = torch.as_tensor(mask.reshape(cout, cin, k, k))
+            t["th"] = torch.as_tensor(th, dtype=torch.float32)
+        return t
+
+    def _folded(self, i):
+        """The conv's weight and bias with its BatchNorm folded in (detached)."""
+        import torch
+
+        conv, bn = self.convs[i], self.bns[i]
+        w = conv.weight.detach()
+        b = (conv.bias.detach() if conv.bias is not None
+             else torch.zeros(w.shape[0], dtype=w.dtype))
+        if bn is not None:
+            s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            w = w * s.view(-1, 1, 1, 1)
+            b = (b - bn.running_mean) * s + bn.bias.detach()
+        return w, b
+
+    def _conv_hook(self, i):
+        def hook(mod, inp):
+            if i in self.configs[self.current] and "th" in self.configs[self.current][i]:
+                self._inputs[i] = inp[0].detach()
+        return hook
+
+    def _hook(self, i):
+        import torch
+        import torch.nn.functional as F
+
+        def hook(mod, inp, out):
+            t = self.configs[self.current].get(i)
+            if t is None:
+                self.last.pop(i, None)
+                return out
+            v = out
+            info = {}
+            if "th" in t:
+                conv = self.convs[i]
+                w, b = self._folded(i)
+                with torch.no_grad():
+                    part = F.conv2d(self._inputs.pop(i), w * t["spec_mask"], b, conv.stride,
+                                    conv.padding)
+                stop = part <= t["th"].view(1, -1, 1, 1)
+                if "compute" in t:
+                    stop = stop & t["compute"]
+                info["stopped"] = stop
+                v = v.masked_fill(stop, 0.0)
+            if "const" in t:
+                v = torch.where(t["const"], t["const_v"].to(v.dtype), v)
+            if "zp" in t:
+                pred = predicted_followers(v, *t["zp"])
+                if "compute" in t:
+                    pred = pred & t["compute"]
+                info["predicted"] = pred
+                v = v.masked_fill(pred, 0.0)
+            if "copy" in t:
+                nn = t["nn"]
+                v = torch.where(t["copy"], v[:, :, nn[..., 0], nn[..., 1]], v)
+            self.last[i] = info
+            return v
+        return hook
+
+    def __enter__(self):
+        for i in sorted(set().union(*self.configs)):
+            self.hooks.append(self.convs[i].register_forward_pre_hook(self._conv_hook(i)))
+            self.hooks.append(self.mods[i].register_forward_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        self._inputs = {}
+        return False
+
+
+def joint_retrain(model, layers, plan, x, y, *, epochs: int = RETRAIN_EPOCHS,
+                  lr: float = RETRAIN_LR, batch: int = 64, weight_decay: float = 1e-4,
+                  seed: int = 0, progress: bool = True):
+    """A copy of ``model`` retrained on ``(x, y)`` with ``plan``'s skips in the forward pass
+    (:class:`plan_forward`; a list of plans: one drawn per mini-batch, seeded). The skip
+    decisions are not trained; backpropagation is otherwise unchanged. The caller exports it
+    again."""
+    teacher = model
+    model = copy.deepcopy(model)
+    rng = np.random.default_rng(seed)
+    with plan_forward(model, layers, plan) as pf:
+
+        def draw():
+            if len(pf.configs) > 1:
+                pf.current = int(rng.integers(len(pf.configs)))
+
+        _fit(model, teacher, x, y, epochs=epochs, lr=lr, batch=batch,
+             weight_decay=weight_decay, seed=seed, distill=0.0, temperature=4.0,
+             before_batch=draw, desc="retrain (joint)", progress=progress)
     return model.eval()

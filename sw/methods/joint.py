@@ -53,6 +53,8 @@ class Ladders:
     velcro: list    # [layer] list of T
     perf: list      # [layer] list of (Ho, Wo) masks (index 0: nothing perforated)
     bv: list        # [layer] (B, V)
+    #: [layer] the SnaPEA tolerance of each ``et`` rung (None: off); filled by build_ladders
+    et_tol: list | None = None
 
     def size(self, method, i) -> int:
         return len(getattr(self, method)[i])
@@ -68,11 +70,14 @@ def build_ladders(ev: NetEval, *, model=None, first_layer_velcro: bool = False,
     _, ins, _ = ev.run({}, capture=True)
     bv = velcro.variance_tensors(ev)
     G = (perforation.impacts(model, ev.layers, ev.x, ev.y) if model is not None else None)
-    et, zp, vl, pf = [], [], [], []
+    et, et_tol, zp, vl, pf = [], [], [], [], []
     for i, L in enumerate(ev.layers):
         prof = snapea.profile_layer(L, ins[i], ev.g)
-        rungs = [r for _, r in snapea.layer_rungs(L, prof, tolerances)]
+        labelled = snapea.layer_rungs(L, prof, tolerances)
+        rungs = [r for _, r in labelled]
         et.append(([] if not L.act_signed else [None]) + rungs)
+        et_tol.append(([] if not L.act_signed else [None])
+                      + [0.0 if lab == "exact" else float(lab[4:]) for lab, _ in labelled])
         ho, wo = L.out_hw
         zp.append([0] + [p for p in zp_windows if p <= max(ho, wo)])
         vl.append([0.0] + (list(velcro_steps) if (i > 0 or first_layer_velcro) else []))
@@ -83,7 +88,7 @@ def build_ladders(ev: NetEval, *, model=None, first_layer_velcro: bool = False,
             if m.any() and not m.all():
                 masks.append(m)
         pf.append(masks)
-    return Ladders(et=et, zp=zp, velcro=vl, perf=pf, bv=bv)
+    return Ladders(et=et, zp=zp, velcro=vl, perf=pf, bv=bv, et_tol=et_tol)
 
 
 def compose(layer: Layer, lad: Ladders, i: int, state: dict) -> Layer:
@@ -132,6 +137,8 @@ class JointResult:
     evaluations: int = 0
     #: why the search stopped: "no_move", "val_stop", "max_rounds" or "max_seconds"
     stop: str = ""
+    #: the states of every step of ``history`` (the floor first), for a walk after retraining
+    trail: list = field(default_factory=list)
 
 
 OBJECTIVES = ("nll", "margin")
@@ -269,7 +276,7 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
     validate_plan(plan, ev.layers, ev.g)
     return JointResult(plan=plan, states=states, history=history,
                        val=held.history if held is not None else [], chosen=chosen,
-                       evaluations=evaluations[0], stop=stop)
+                       evaluations=evaluations[0], stop=stop, trail=trail)
 
 
 def lazy_moves(moves: list, scores: dict, k: int) -> list:

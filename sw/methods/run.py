@@ -112,9 +112,9 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
     holdout = None
     net_c, ev_c = net, ev                  # the network the result runs on (retraining: a new one)
     retrain = _retrain_epochs(options.get("retrain"))
-    if retrain and method != "zero_pred":
-        raise ValueError(f"retrain = {options['retrain']!r}: only for method zero_pred "
-                         f"(method = {method!r})")
+    if retrain and method not in ("zero_pred", "joint"):
+        raise ValueError(f"retrain = {options['retrain']!r}: only for methods zero_pred and "
+                         f"joint (method = {method!r})")
     if options.get("retrain_set", "target") not in ("target", "walk"):
         raise ValueError(f"retrain_set = {options['retrain_set']!r}: must be target or walk")
 
@@ -230,6 +230,10 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
                     search_drops=[ev_r.base.acc - a for _, a, _, _ in res.history],
                     val_drops=[v["drop"] for v in res.val])
         info["search_budget"] = eps * margin
+        if retrain:
+            net_c, ev_c, plan, info["retrain"] = _joint_retrained(
+                model, net, splits, ev, ev_s, ev_r, lad, res, eps, margin, val_margin,
+                retrain, options, g, progress)
 
     if holdout is not None:
         info.update(val_checks=holdout.history, val_drops=holdout.drops,
@@ -239,6 +243,17 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
     verdict = joint.check(net_c, plan, _np(test.x), _np(test.y), eps, g, progress=progress,
                           reference=net)
     dense_t, conf_t = verdict.pop("dense"), verdict.pop("configured")
+    if net_c is not net and method == "joint":
+        # The search's own result on the original network, on the same test images (what
+        # retraining is compared with; reported, chooses nothing).
+        from .common import golden_eval
+        wo = golden_eval(net, info["retrain"]["plan_without"], _np(test.x), _np(test.y), g,
+                         progress=progress, desc="golden plan without retraining")
+        info["retrain"]["test_without"] = {
+            "acc": wo.acc, "drop": dense_t.acc - wo.acc, "mac_reduction": wo.mac_reduction,
+            "within_eps": bool(dense_t.acc - wo.acc <= eps + 1e-12)}
+    if "retrain" in info:
+        info["retrain"].pop("plan_without", None)
 
     # Layer packages: every engine layer, configured or as exported.
     layers = [plan.get(i, L) for i, L in enumerate(ev_c.layers)]
@@ -358,6 +373,95 @@ def _zero_pred_retrained(model, net, splits, ev, ev_r, holdout, trail, plan, bud
         return net, ev, plan, info
     info["adopted"] = True
     return net_rt, ev_rt, chosen, info
+
+
+def _joint_retrained(model, net, splits, ev, ev_s, ev_r, lad, res, eps, margin, val_margin,
+                     epochs, options, g, progress):
+    """Retrain with the joint configurations in the forward pass, export again, walk the
+    search's trajectory past its chosen step again on the retrained network.
+
+    The training plans are the trajectory's steps after the back-off's choice (the ones the
+    calibration images refused; each mini-batch draws one, ``finetune.joint_retrain``; none:
+    the chosen step itself). The retrained model is exported again with the calibration
+    images (its own scales) and the same trajectory is put on its layers: the same zero
+    prediction windows, perforation masks and VELCRO positions, VELCRO's stored averages
+    re-expressed in the new output scale (``B * s_y / s_y'``), SnaPEA rungs profiled again on
+    the new weights (same tolerances: order and ``neg_start`` follow the weights' signs).
+    Every step after the chosen one is evaluated on the search images (within ``eps *
+    margin``) and on the calibration images (within ``eps * val_margin``), drops against the
+    *original* dense network; the last step within both is the result if it saves more MACs
+    on the calibration images than the search's result; else the search's result stands.
+    Returns ``(net, ev, plan, info)``.
+    """
+    from .. import export
+    from . import finetune
+
+    t0 = time.monotonic()
+    lr = float(options.get("retrain_lr", finetune.RETRAIN_LR))
+    if not lr > 0:
+        raise ValueError(f"retrain_lr = {options.get('retrain_lr')!r}: must be > 0")
+    k0 = res.chosen
+    steps = list(range(k0 + 1, len(res.trail))) or [k0]
+    info = {"epochs": epochs, "lr": lr, "adopted": False, "trained_steps": steps,
+            "checks": [], "plan_without": res.plan}
+    plans = [joint._plan(ev_r, lad, res.trail[k]) for k in steps]
+    plans = [p for p in plans if p] or [{}]
+    train = splits["train"]
+    model_rt = finetune.joint_retrain(model, net.layers, plans, _np(train.x), _np(train.y),
+                                      epochs=epochs, lr=lr, progress=progress)
+    net_rt = export.export(model_rt, splits["calib"].x, spec=dict(net.spec))
+    info["train_seconds"] = round(time.monotonic() - t0, 1)
+    ev_rt = NetEval(net_rt, ev.x, ev.y, g, reference=ev.base)
+    ev_r_rt = NetEval(net_rt, ev_r.x, ev_r.y, g, reference=ev_r.base)
+    ev_s_rt = NetEval(net_rt, ev_s.x, ev_s.y, g)
+    lad_rt = _ladders_after_retraining(lad, net, net_rt, ev_s_rt)
+    info["dense_drop_calib"] = ev_rt.base.acc - ev_rt.guarded_acc(ev_rt.run({}))
+    ho = HeldOut(ev_rt, eps, val_margin)
+    chosen = None
+    for k in range(k0 + 1, len(res.trail)):
+        cand = joint._plan(ev_r_rt, lad_rt, res.trail[k])
+        r = ev_r_rt.run(cand)
+        drop = ev_r_rt.base.acc - ev_r_rt.guarded_acc(r)
+        vdrop = ho.check(cand, k)
+        ok = drop <= eps * margin + 1e-12 and ho.within(vdrop)
+        info["checks"].append({"step": k, "search_drop": drop, "val_drop": vdrop,
+                               "val_mac_reduction": ho.history[-1]["mac_reduction"],
+                               "within": ok})
+        if ok:
+            chosen = (k, cand)
+    info["calib_mac_reduction_without"] = without = ev.run(res.plan).mac_reduction
+    info["seconds"] = round(time.monotonic() - t0, 1)
+    if chosen is None:
+        info["reason"] = "no step past the chosen one within the guards on the retrained network"
+        return net, ev, res.plan, info
+    k, plan = chosen
+    validate_plan(plan, net_rt.layers, g)
+    info.update(chosen=k, states={str(i): v for i, v in res.trail[k].items()},
+                calib_mac_reduction=ev_rt.run(plan).mac_reduction)
+    if info["calib_mac_reduction"] <= without:
+        info["reason"] = "saves no more MACs on the calibration images than without retraining"
+        return net, ev, res.plan, info
+    info["adopted"] = True
+    return net_rt, ev_rt, plan, info
+
+
+def _ladders_after_retraining(lad, net, net_rt, ev_s_rt):
+    """The joint ladders on a retrained network: the same zero-prediction windows,
+    perforation masks and VELCRO thresholds and positions (the old variances), VELCRO's
+    averages in the new output scales, SnaPEA rungs profiled again on ``ev_s_rt`` (the same
+    tolerances)."""
+    new = joint.build_ladders(ev_s_rt, first_layer_velcro=True,
+                              tolerances=joint.WIDE_TOLERANCES, zp_windows=(),
+                              velcro_steps=(), perf_rates=())
+    et = []
+    for old_tol, tol, rungs in zip(lad.et_tol, new.et_tol, new.et):
+        # Rung by rung, the same tolerance (a tolerance at which no kernel of the new layer
+        # speculates has no rung: the next lower one stands in).
+        et.append([rungs[max([j for j, t in enumerate(tol) if t is None or t <= ot]
+                             or [0])] if ot is not None else None for ot in old_tol])
+    bv = [(B * (float(L.meta["s_y"]) / float(Lr.meta["s_y"])), V)
+          for (B, V), L, Lr in zip(lad.bv, net.layers, net_rt.layers)]
+    return joint.Ladders(et=et, zp=lad.zp, velcro=lad.velcro, perf=lad.perf, bv=bv)
 
 
 def _augmented(net, splits, options, g):
