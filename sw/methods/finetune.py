@@ -195,7 +195,27 @@ def predicted_followers(v, p: int, leader, zero_below: float = 0.0):
     return full & ~leader
 
 
-class zero_pred_forward:
+class _ForwardHooks:
+    """Hooks put on the model by ``_register(i)`` for every configured layer ``i`` on
+    ``__enter__``, all removed on ``__exit__``."""
+
+    def __enter__(self):
+        for i in sorted(set().union(*self.configs)):
+            self._register(i)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        self._reset()
+        return False
+
+    def _reset(self):
+        """Forget per-pass state when the hooks are removed."""
+
+
+class zero_pred_forward(_ForwardHooks):
     """Context manager: the zero predictor of ``plan`` in ``model``'s forward pass.
 
     ``plan`` is ``{engine layer index: Layer}`` (``p``, ``leader`` and ``meta["s_y"]`` are
@@ -245,16 +265,8 @@ class zero_pred_forward:
             return out.masked_fill(pred, 0.0)
         return hook
 
-    def __enter__(self):
-        for i in sorted(set().union(*self.configs)):
-            self.hooks.append(self.mods[i].register_forward_hook(self._hook(i)))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
-        return False
+    def _register(self, i):
+        self.hooks.append(self.mods[i].register_forward_hook(self._hook(i)))
 
 
 def zero_pred_retrain(model, layers, plan, x, y, *, epochs: int = RETRAIN_EPOCHS,
@@ -288,7 +300,7 @@ def zero_pred_retrain(model, layers, plan, x, y, *, epochs: int = RETRAIN_EPOCHS
 
 # -- retraining with a joint configuration in the forward pass ---------------------------------
 
-class plan_forward:
+class plan_forward(_ForwardHooks):
     """Context manager: every skip of ``plan`` (any mix of the four methods) in ``model``'s
     forward pass, so that each configured float layer outputs what the engine layer does.
 
@@ -410,18 +422,12 @@ class plan_forward:
             return v
         return hook
 
-    def __enter__(self):
-        for i in sorted(set().union(*self.configs)):
-            self.hooks.append(self.convs[i].register_forward_pre_hook(self._conv_hook(i)))
-            self.hooks.append(self.mods[i].register_forward_hook(self._hook(i)))
-        return self
+    def _register(self, i):
+        self.hooks.append(self.convs[i].register_forward_pre_hook(self._conv_hook(i)))
+        self.hooks.append(self.mods[i].register_forward_hook(self._hook(i)))
 
-    def __exit__(self, *exc):
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
+    def _reset(self):
         self._inputs = {}
-        return False
 
 
 def joint_retrain(model, layers, plan, x, y, *, epochs: int = RETRAIN_EPOCHS,
