@@ -31,6 +31,9 @@ def add_arguments(parser) -> None:
                         help="give yosys' ABC9 the clock period as its delay target instead "
                              "of the shortest delay: steadier, smaller LUT counts for "
                              "lut_overhead (both designs mapped alike)")
+    parser.add_argument("--router", default="router1", choices=("router1", "router2"),
+                        help="nextpnr router (router2 routes designs of 4+ lanes that router1 "
+                             "leaves congested)")
     parser.add_argument("--pack-only", action="store_true",
                         help="stop nextpnr after packing: LUTs, FFs, DSPs, block RAMs and "
                              "lut_overhead in minutes, no Fmax")
@@ -102,7 +105,8 @@ def run(args) -> dict:
                 reports.append(cached_build(board, config, mhz, seed,
                                              lambda s: tqdm.write(s, file=sys.stderr),
                                              pack_only=args.pack_only,
-                                             map_at_clock=args.map_at_clock))
+                                             map_at_clock=args.map_at_clock,
+                                             router=args.router))
                 bar.update()
             entry = result.setdefault(board, {}).setdefault(size, {})
             entry[variant] = _summary(reports)

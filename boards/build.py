@@ -166,19 +166,26 @@ def _tail(path: Path, n: int = 30) -> str:
         return "(no log)"
 
 
+ROUTERS = ("router1", "router2")
+
+
 def tool_options(board: str, clock_mhz: float, seed: int = 1, pack_only: bool = False,
-                 map_at_clock: bool = False) -> dict:
+                 map_at_clock: bool = False, router: str = "router1") -> dict:
     """The yosys and nextpnr options of a build (Amaranth build-plan overrides).
 
     ``map_at_clock`` gives ABC9 the clock period as its delay target (``abc9.D``, in ps)
     instead of its default, the shortest delay it can find: where a path has slack, ABC then
     spends fewer LUTs, and the LUT count no longer jumps when an unrelated change moves the
-    critical path (docs/benchmarks.md, Boards).
+    critical path (docs/benchmarks.md, Boards). ``router`` is nextpnr's router: ``router2``
+    routes designs of 4 or more lanes that ``router1`` (nextpnr's default) leaves congested.
     """
+    if router not in ROUTERS:
+        raise BuildError(f"router {router!r}: choose one of {', '.join(ROUTERS)}")
     spec = BOARDS[board]
     name = f"skipconv_{board}"
     out = {"nextpnr_opts": f"--report {name}.report.json --seed {int(seed)} "
-                           "--timing-allow-fail" + (" --pack-only" if pack_only else "")}
+                           "--timing-allow-fail" + (" --pack-only" if pack_only else "")
+                           + (f" --router {router}" if router != "router1" else "")}
     if spec.family == "ice40":
         out["synth_opts"] = "-dsp"
     if map_at_clock:
@@ -188,7 +195,8 @@ def tool_options(board: str, clock_mhz: float, seed: int = 1, pack_only: bool = 
 
 def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float | None = None,
                 baud: int = 115200, seed: int = 1, check_timing: bool = True,
-                pack_only: bool = False, map_at_clock: bool = False, log=None) -> dict:
+                pack_only: bool = False, map_at_clock: bool = False, router: str = "router1",
+                log=None) -> dict:
     """Build ``config`` for ``board`` into ``out_dir``; return the report (also ``report.json``).
 
     ``pack_only`` stops nextpnr after packing: the resources in minutes instead of a full
@@ -209,7 +217,7 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
     name = f"skipconv_{board}"
     platform = spec.platform()
     top = spec.top(config, clock_mhz, baud)
-    overrides = tool_options(board, clock_mhz, seed, pack_only, map_at_clock)
+    overrides = tool_options(board, clock_mhz, seed, pack_only, map_at_clock, router)
     t0 = time.monotonic()
     if log:
         log(f"elaborating {board} top for engine {config.key}")
@@ -225,7 +233,7 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
     report = {"board": board, "device": f"{platform.device}-{platform.package}",
               "config": config.to_dict(), "config_key": config.key,
               "clock_mhz": clock_mhz, "baud": baud, "seed": seed, "seconds": seconds,
-              "pack_only": pack_only, "map_at_clock": map_at_clock}
+              "pack_only": pack_only, "map_at_clock": map_at_clock, "router": router}
     rep_json = out / f"{name}.report.json"
     if rep_json.exists():
         report.update(parse_report(spec, rep_json, out / f"{name}.rpt"))
@@ -302,7 +310,8 @@ def program_board(board: str, bitstream) -> None:
 
 
 def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, log=None,
-                 pack_only: bool = False, map_at_clock: bool = False) -> dict:
+                 pack_only: bool = False, map_at_clock: bool = False,
+                 router: str = "router1") -> dict:
     """Build (or reuse) one design without the timing check; return its report.
 
     Cached under ``cache_dir('boards', 'builds')`` by board, config, clock, seed and the
@@ -315,7 +324,8 @@ def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, lo
     from .simbuild import _locked, _sources_hash
 
     key = (f"{board}-{config.key}-{mhz:g}-s{seed}{'-pack' if pack_only else ''}"
-           f"{'-atclock' if map_at_clock else ''}-{_sources_hash()}")
+           f"{'-atclock' if map_at_clock else ''}"
+           f"{'' if router == 'router1' else '-' + router}-{_sources_hash()}")
     folder = cache_dir("boards", "builds", key)
     report_path = folder / "report.json"
     with _locked(folder.parent / f"{key}.lock"):
@@ -325,7 +335,7 @@ def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, lo
         try:
             return build_board(board, config, folder, clock_mhz=mhz, seed=seed,
                                check_timing=False, pack_only=pack_only,
-                               map_at_clock=map_at_clock, log=log)
+                               map_at_clock=map_at_clock, router=router, log=log)
         except BuildError as e:
             if report_path.exists():
                 rep = json.loads(report_path.read_text())

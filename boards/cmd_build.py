@@ -18,6 +18,9 @@ def add_arguments(parser) -> None:
                              "the build fails when nextpnr's Fmax is below it")
     parser.add_argument("--baud", type=int, default=115200, help="UART line rate")
     parser.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
+    parser.add_argument("--router", default="router1", choices=("router1", "router2"),
+                        help="nextpnr router (router2 routes ULX3S designs of 4+ lanes that "
+                             "router1 leaves congested)")
     parser.add_argument("--no-timing-check", action="store_true",
                         help="write the bitstream even when Fmax is below --clock-mhz")
     parser.add_argument("--program", action="store_true",
@@ -56,7 +59,7 @@ def run(args) -> int:
     from .build import BuildError, build_board, program_board
     try:
         report = build_board(args.board, config, args.out, clock_mhz=args.clock_mhz,
-                             baud=args.baud, seed=args.seed,
+                             baud=args.baud, seed=args.seed, router=args.router,
                              check_timing=not args.no_timing_check,
                              log=lambda s: print(s, file=sys.stderr))
     except (BuildError, ValueError) as e:

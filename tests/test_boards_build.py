@@ -44,6 +44,13 @@ def test_map_at_clock_sets_abc9_delay_target():
     assert ice["synth_opts"] == "-dsp" and ice["script_after_read"].endswith("abc9.D 41667")
 
 
+def test_router_option():
+    assert "--router" not in tool_options("ulx3s", 80.0)["nextpnr_opts"]
+    assert "--router router2" in tool_options("ulx3s", 80.0, router="router2")["nextpnr_opts"]
+    with pytest.raises(BuildError, match="router 'router3': choose one of router1, router2"):
+        tool_options("ulx3s", 80.0, router="router3")
+
+
 def test_parse_report_counts_and_fmax(tmp_path):
     rep = {"utilization": {"TRELLIS_COMB": {"used": 100, "available": 83640},
                            "TRELLIS_FF": {"used": 50, "available": 83640},
