@@ -31,7 +31,9 @@ def add_arguments(parser) -> None:
                         help="give yosys' ABC9 the clock period as its delay target instead "
                              "of the shortest delay: steadier, smaller LUT counts for "
                              "lut_overhead (both designs mapped alike)")
-    parser.add_argument("--router", default="router1", choices=("router1", "router2"),
+    from .build import ROUTERS
+
+    parser.add_argument("--router", default=ROUTERS[0], choices=ROUTERS,
                         help="nextpnr router (router2 routes designs of 4+ lanes that router1 "
                              "leaves congested)")
     parser.add_argument("--pack-only", action="store_true",

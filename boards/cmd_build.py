@@ -18,7 +18,9 @@ def add_arguments(parser) -> None:
                              "the build fails when nextpnr's Fmax is below it")
     parser.add_argument("--baud", type=int, default=115200, help="UART line rate")
     parser.add_argument("--seed", type=int, default=1, help="nextpnr placement seed")
-    parser.add_argument("--router", default="router1", choices=("router1", "router2"),
+    from .build import ROUTERS
+
+    parser.add_argument("--router", default=ROUTERS[0], choices=ROUTERS,
                         help="nextpnr router (router2 routes ULX3S designs of 4+ lanes that "
                              "router1 leaves congested)")
     parser.add_argument("--no-timing-check", action="store_true",

@@ -71,7 +71,7 @@ def add_arguments(parser):
                              "steps past the back-off's choice, all four methods emulated, "
                              "then those steps walked again; e.g. 4; default: none)")
     parser.add_argument("--retrain-lr", type=float, default=None, metavar="LR",
-                        help="zero_pred --retrain: AdamW learning rate, cosine decay to 0 "
+                        help="--retrain: AdamW learning rate, cosine decay to 0 "
                              "(default 1e-4)")
     parser.add_argument("--retrain-set", default=None, choices=("target", "walk"),
                         help="zero_pred --retrain: train with that one configuration "

@@ -366,17 +366,18 @@ class plan_forward(_ForwardHooks):
         return t
 
     def _folded(self, i):
-        """The conv's weight and bias with its BatchNorm folded in (detached)."""
+        """The conv's weight and bias with its BatchNorm folded in as the exporter folds it
+        (:func:`..quant.fold_bn`; detached)."""
         import torch
 
+        from ..quant import fold_bn
+
         conv, bn = self.convs[i], self.bns[i]
+        if bn is not None:
+            conv = fold_bn(conv, bn)
         w = conv.weight.detach()
         b = (conv.bias.detach() if conv.bias is not None
              else torch.zeros(w.shape[0], dtype=w.dtype))
-        if bn is not None:
-            s = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-            w = w * s.view(-1, 1, 1, 1)
-            b = (b - bn.running_mean) * s + bn.bias.detach()
         return w, b
 
     def _conv_hook(self, i):
