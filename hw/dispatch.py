@@ -31,7 +31,9 @@ class Dispatcher(wiring.Component):
     req : In(lanes)
         PEs asking for a unit.
     grant : Out(lanes)
-        One-hot: this PE takes ``unit`` this cycle.
+        One-hot: this PE takes ``unit`` this cycle. Registered, with ``unit``: a cycle
+        after the request it answers (the PEs' requests, the arbiter and the unit's adders
+        would otherwise sit in front of every PE's slot registers).
     unit : Out(unit_layout)
     done : Out(1)
         Every unit of the layer has been handed out (low from ``start``).
@@ -50,7 +52,6 @@ class Dispatcher(wiring.Component):
         m = Module()
         hp = self._hp
         L = self.layer
-        u = self.unit
         m.submodules.rr = rr = RoundRobin(hp.lanes)
 
         zp = Signal()
@@ -68,6 +69,10 @@ class Dispatcher(wiring.Component):
         wbase = Signal(hp.row_bits + 1)
         widx = Signal(hp.ofn_bits + 1)
 
+        u = Signal(unit_layout(hp))                 # the next unit, registered on a grant
+        m.d.sync += self.grant.eq(0)
+        with m.If(rr.valid):
+            m.d.sync += [self.grant.eq(rr.grant), self.unit.eq(u)]
         m.d.comb += [
             u.c.eq(c), u.bias.eq(self.prm_data.bias), u.stop0.eq(self.prm_data.stop0),
             u.wbase.eq(wbase), u.widx.eq(widx),
@@ -94,7 +99,7 @@ class Dispatcher(wiring.Component):
             with m.State("FETCH"):          # parameter read of channel c
                 m.next = "GEN"
             with m.State("GEN"):
-                m.d.comb += [rr.req.eq(self.req), self.grant.eq(rr.grant), rr.advance.eq(1)]
+                m.d.comb += [rr.req.eq(self.req), rr.advance.eq(1)]
                 with m.If(rr.valid):
                     m.d.sync += widx.eq(widx + 1)
                     with m.If(x0 + tw < L.wo):

@@ -169,7 +169,9 @@ class PE(wiring.Component):
         with m.If(count_dec):
             m.d.sync += head.eq(head + 1)
 
-        m.d.comb += self.req.eq((count < NS) & (nscan == count))
+        # The dispatcher's grant and unit are registered: a granted unit is on its way for
+        # one cycle, so a PE does not ask again while its grant arrives.
+        m.d.comb += self.req.eq((count < NS) & (nscan == count) & ~self.grant)
         with m.If(self.grant):
             m.d.comb += count_inc.eq(1)
             for s in range(NS):
@@ -267,12 +269,14 @@ class PE(wiring.Component):
         win_fired = Signal()
         win_write = Signal()
 
-        # A scan starts from one slot: the head's followers (``scan_fol``) or the next
-        # unscanned unit's leaders. One slot select feeds one unit mux, not one per case.
+        # A scan starts from one slot: the head's followers or the next unscanned unit's
+        # leaders. A window decided to need its followers waits one cycle in ``fol_go``: the
+        # scan's start and slot select then come from registers only, not from the decision
+        # (outstanding leaders, nonzero flags) in front of every bit of ``cur``.
         scan_go = Signal()
-        scan_fol = Signal()
+        fol_go = Signal()
         scan_slot = Signal(hp.slot_bits)
-        m.d.comb += scan_slot.eq(Mux(scan_fol, head, head + nscan))
+        m.d.comb += scan_slot.eq(Mux(fol_go, head, head + nscan))
         with m.If(scan_go):
             for s in range(NS):
                 with m.If(scan_slot == s):
@@ -280,7 +284,7 @@ class PE(wiring.Component):
                     m.d.sync += [cur.eq(u), p_oaddr.eq(u.oaddr), r_oaddr.eq(u.oaddr),
                                  p_iy0.eq(u.iy0), r_iy0.eq(u.iy0), p_ix0.eq(u.ix0),
                                  p_base.eq(u.base), r_base.eq(u.base)]
-            m.d.sync += [cur_slot.eq(scan_slot), follow.eq(scan_fol), walking.eq(1),
+            m.d.sync += [cur_slot.eq(scan_slot), follow.eq(fol_go), walking.eq(1),
                          scanning.eq(1), dx.eq(0), dy.eq(0)]
 
         with m.If(scanning):
@@ -290,18 +294,24 @@ class PE(wiring.Component):
                     m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
                 with m.Else():
                     m.d.comb += nscan_inc.eq(1)
-        with m.Elif((nscan != 0) & (head_out == 0)):
-            # the oldest unit is scanned and all its leaders are back: decide it
-            with m.If(~zp):
-                m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
-            with m.Elif(~win_pending):
-                m.d.comb += [win_push.eq(1)]
-                with m.If(head_nz):
-                    m.d.comb += [scan_go.eq(1), scan_fol.eq(1)]
-                with m.Else():
-                    m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
-        with m.Elif(nscan < count):
+        with m.Elif(fol_go):
             m.d.comb += scan_go.eq(1)
+            m.d.sync += fol_go.eq(0)
+        with m.Else():
+            # The next unit's leaders may start while the oldest unit is decided: its slot
+            # index is absolute, so the head leaving in the same cycle does not move it.
+            with m.If(nscan < count):
+                m.d.comb += scan_go.eq(1)
+            with m.If((nscan != 0) & (head_out == 0)):
+                # the oldest unit is scanned and all its leaders are back: decide it
+                with m.If(~zp):
+                    m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
+                with m.Elif(~win_pending):
+                    m.d.comb += [win_push.eq(1)]
+                    with m.If(head_nz):
+                        m.d.sync += fol_go.eq(1)
+                    with m.Else():
+                        m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
 
         # -- the ring --------------------------------------------------------------------------
         cl = context_layout(hp)
@@ -444,7 +454,7 @@ class PE(wiring.Component):
 
         busy = Signal()
         m.d.comb += busy.eq(Cat(*[k.valid for k in ctx]).any() | (count != 0) | scanning |
-                            b_valid | win_pending | rq.r_rdy | res.r_rdy)
+                            b_valid | win_pending | rq.r_rdy | res.r_rdy | self.grant)
         m.d.comb += self.idle.eq(~busy)
         return m
 
