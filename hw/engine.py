@@ -153,8 +153,17 @@ class Engine(wiring.Component):
                 pe.fb_nz.eq(writer.fb_nz),
             ]
             m.d.comb += [pe.prm.data[f].eq(loader.prm.data[f]) for f in PARAM_READERS["pe"]]
-            wiring.connect(m, pe=pe.result, writer=writer.results[i])
-            idle.append(pe.idle)
+            if hp.lanes > 1:
+                # Registered both ways beside the writer: the writer's round-robin answers
+                # lanes spread over the device, and its grant would otherwise travel back to
+                # each PE's result FIFO in the same cycle as that FIFO's valid came in.
+                m.submodules[f"res_reg{i}"] = res_reg = SkidBuffer(pe.result.payload.shape())
+                wiring.connect(m, pe=pe.result, reg=res_reg.i)
+                wiring.connect(m, reg=res_reg.o, writer=writer.results[i])
+                idle.append(pe.idle & ~res_reg.o.valid)
+            else:
+                wiring.connect(m, pe=pe.result, writer=writer.results[i])
+                idle.append(pe.idle)
 
         computing = Signal()
         cycles = Signal(64)

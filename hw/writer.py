@@ -18,7 +18,7 @@ INT32_MAX = (1 << 31) - 1
 class Writer(wiring.Component):
     """Round-robin over the PEs' result streams; ``q(acc)`` (or raw) into the ofmap buffer.
 
-    Pipeline: choose and read the channel's ``M``/``sh``; register them; multiply
+    Pipeline: choose (registered); read the channel's ``M``/``sh``; register them; multiply
     (registered); round and shift (registered); clamp; write. Window decisions go to the
     window-flag memory. The requantized value of a leader is returned to its PE (``fb_*``):
     the window decision needs the *final* output.
@@ -60,14 +60,21 @@ class Writer(wiring.Component):
         for i in range(n):
             with m.If(rr.index == i):
                 m.d.comb += chosen.eq(self.results[i].payload)
-        m.d.comb += self.prm_addr.eq(chosen.c)
+
+        # stage 0: the chosen result, registered before it addresses the parameter memory
+        # (the arbiter and the lanes' payload mux would otherwise sit in front of it)
+        vc = Signal()
+        rc = Signal(rl)
+        pec = Signal(range(max(2, n)))
+        m.d.sync += [vc.eq(rr.valid), rc.eq(chosen), pec.eq(rr.index)]
+        m.d.comb += self.prm_addr.eq(rc.c)
 
         # stage 1: the channel's parameters arrive (registered: no memory output feeds the
         # multiplier); the sign of the sum
         v0 = Signal()
         r0 = Signal(rl)
-        pe0 = Signal(range(max(2, n)))
-        m.d.sync += [v0.eq(rr.valid), r0.eq(chosen), pe0.eq(rr.index)]
+        pe0 = Signal.like(pec)
+        m.d.sync += [v0.eq(vc), r0.eq(rc), pe0.eq(pec)]
         v1 = Signal()
         r1 = Signal(rl)
         pe1 = Signal.like(pe0)
@@ -122,5 +129,5 @@ class Writer(wiring.Component):
         ]
         for i in range(n):
             m.d.comb += self.fb_valid[i].eq(v3 & ~r3.win & r3.leader & (pe3 == i))
-        m.d.comb += self.busy.eq(v0 | v1 | v2 | va | v3)
+        m.d.comb += self.busy.eq(vc | v0 | v1 | v2 | va | v3)
         return m
