@@ -31,6 +31,8 @@ class Engine(wiring.Component):
     Parameters
     ----------
     config : EngineConfig
+    lut_ram : bool
+        The target has distributed RAM (see :class:`~.params.HwParams`); ``False`` on iCE40.
 
     Members
     -------
@@ -44,8 +46,8 @@ class Engine(wiring.Component):
         The last command was refused.
     """
 
-    def __init__(self, config: EngineConfig):
-        self._hp = HwParams(config)
+    def __init__(self, config: EngineConfig, *, lut_ram: bool = True):
+        self._hp = HwParams(config, lut_ram=lut_ram)
         b = config.bus_bits
         super().__init__({
             "s_axis_tdata": In(b), "s_axis_tvalid": In(1), "s_axis_tready": Out(1),

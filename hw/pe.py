@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
+from .fifo import small_fifo
 from .layouts import (kind_layout, layer_layout, ready_layout, reader_param_layout,
                       result_layout, unit_layout, weight_layout, write_bus)
 from .memories import no_collision_memory, registered_read
@@ -133,8 +133,10 @@ class PE(wiring.Component):
             m.d.comb += [p_wr.addr.eq(prm.addr), p_wr.data.eq(prm.data),
                          p_wr.en.eq(prm.en)]
 
-        m.submodules.rq = rq = SyncFIFO(width=ready_layout(hp).size, depth=READY_DEPTH)
-        m.submodules.res = res = SyncFIFO(width=result_layout(hp).size, depth=RESULT_DEPTH)
+        m.submodules.rq = rq = small_fifo(width=ready_layout(hp).size, depth=READY_DEPTH,
+                                          lut_ram=hp.lut_ram)
+        m.submodules.res = res = small_fifo(width=result_layout(hp).size, depth=RESULT_DEPTH,
+                                            lut_ram=hp.lut_ram)
         m.d.comb += [self.result.valid.eq(res.r_rdy), self.result.payload.eq(res.r_data),
                      res.r_en.eq(self.result.ready)]
         res_in = Signal(result_layout(hp))

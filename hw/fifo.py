@@ -1,0 +1,83 @@
+"""Small synchronous FIFOs: distributed RAM where the target has it, block RAM where not.
+
+:class:`amaranth.lib.fifo.SyncFIFO` reads its storage asynchronously. On a target with LUT
+RAM (ECP5, Xilinx) that is a few LUTs; on iCE40, which has none, yosys builds it from
+flip-flops and read multiplexers (a PE's 4-deep ready queue: ~330 FF and ~290 LUT4, each FF
+a logic cell of its own since its data comes from another register). :class:`BlockFIFO` has
+the same ports and the same cycle behaviour, but a synchronous read: block RAM.
+"""
+
+from __future__ import annotations
+
+from amaranth import Module, Mux, Signal
+from amaranth.lib import wiring
+from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+__all__ = ["BlockFIFO", "small_fifo"]
+
+
+class BlockFIFO(wiring.Component):
+    """A first-word-fall-through FIFO in block RAM, cycle for cycle a :class:`SyncFIFO`.
+
+    The read port reads ahead: each cycle it fetches the entry that will be at the head in
+    the next cycle (the next one when the head is taken now). It is transparent to the write
+    port, so a word written into an empty FIFO is at ``r_data`` the next cycle, as with the
+    asynchronous read of :class:`SyncFIFO` (yosys adds the bypass register that needs).
+
+    Members
+    -------
+    w_en, w_data : In; w_rdy : Out(1)
+    r_en : In(1); r_data : Out(width); r_rdy : Out(1)
+    level : Out(range(depth + 1))
+        Entries held.
+    """
+
+    def __init__(self, *, width: int, depth: int):
+        if depth < 1:
+            raise ValueError(f"BlockFIFO depth must be >= 1, not {depth!r}")
+        self.width = width
+        self.depth = depth
+        super().__init__({
+            "w_en": In(1), "w_data": In(width), "w_rdy": Out(1),
+            "r_en": In(1), "r_data": Out(width), "r_rdy": Out(1),
+            "level": Out(range(depth + 1)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        depth = self.depth
+        m.submodules.storage = mem = Memory(shape=self.width, depth=depth, init=[])
+        # a few words only: without this yosys keeps them in flip-flops
+        mem.attrs["ram_style"] = "block"
+        wp = mem.write_port()
+        rp = mem.read_port(transparent_for=(wp,))
+
+        produce = Signal(range(depth))
+        consume = Signal(range(depth))
+        do_write = Signal()
+        do_read = Signal()
+        m.d.comb += [
+            self.w_rdy.eq(self.level != depth), self.r_rdy.eq(self.level != 0),
+            do_write.eq(self.w_en & self.w_rdy), do_read.eq(self.r_en & self.r_rdy),
+        ]
+
+        def incr(v):
+            return Mux(v == depth - 1, 0, v + 1)
+
+        head = Signal(range(depth))         # the head of the next cycle
+        m.d.comb += head.eq(Mux(do_read, incr(consume), consume))
+        m.d.comb += [wp.addr.eq(produce), wp.data.eq(self.w_data), wp.en.eq(do_write),
+                     rp.addr.eq(head), self.r_data.eq(rp.data)]
+        m.d.sync += [consume.eq(head), self.level.eq(self.level + do_write - do_read)]
+        with m.If(do_write):
+            m.d.sync += produce.eq(incr(produce))
+        return m
+
+
+def small_fifo(*, width: int, depth: int, lut_ram: bool):
+    """A :class:`SyncFIFO` on targets with LUT RAM (``lut_ram``), else a :class:`BlockFIFO`."""
+    if lut_ram:
+        return SyncFIFO(width=width, depth=depth)
+    return BlockFIFO(width=width, depth=depth)
