@@ -53,9 +53,14 @@ PARAM_READERS = {
 
 
 def reader_param_layout(hp: HwParams, reader: str):
-    """The channel parameters one reader (:data:`PARAM_READERS`) holds."""
+    """The channel parameters one reader (:data:`PARAM_READERS`) holds.
+
+    ``stop0`` only with early termination: without it no channel stops at check point 0, and
+    the readers' ``stop0`` stays 0 (the responder then holds nothing).
+    """
     pl = param_layout(hp)
-    return data.StructLayout({f: pl[f].shape for f in PARAM_READERS[reader]})
+    return data.StructLayout({f: pl[f].shape for f in PARAM_READERS[reader]
+                              if f != "stop0" or hp.config.has("early_term")})
 
 
 def weight_layout(hp: HwParams):

@@ -616,6 +616,9 @@ class Loader(wiring.Component):
                     et_on = L.et != 0
                     stop0 = ((et_on & (pc.neg_start == 0) & (pc.bias <= 0))
                              | ((L.et == 2) & (pc.spec == 0) & (pc.bias <= th)))
+                    if not cfg.has("early_term"):
+                        # et != 0 was refused on word 3: nothing reads neg_start, spec, th
+                        stop0 = Const(0)
                     m.d.sync += [pc.th.eq(th), pc.stop0.eq(stop0), pc_j.eq(0),
                                  self.prm.en.eq(1)]
         with m.Else():
