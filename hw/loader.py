@@ -405,6 +405,8 @@ class Loader(wiring.Component):
                                     settle.eq(0), div_started.eq(1)]
                             with m.If(div_started & sizes_ready):
                                 k, s, pad, p = data[0:8], data[8:16], data[16:24], data[24:32]
+                                if not cfg.has("zero_pred"):
+                                    p = Const(0, 8)   # P != 0 is refused on this word
                                 # the dispatcher's tile (layer_layout): P x P, else a row
                                 th = Mux(p != 0, p, 1)
                                 tw = Mux(p != 0, p, hp.unit_width)
@@ -539,7 +541,11 @@ class Loader(wiring.Component):
                 fail(Err.LIMIT, cin_hw)
         with m.Elif(hdr[2]):
             k, s, pad, p = data[0:8], data[8:16], data[16:24], data[24:32]
-            m.d.sync += [L.k.eq(k), L.stride.eq(s), L.pad.eq(pad), L.p.eq(p),
+            # A field whose mechanism is not built stays 0 in the layer registers (a nonzero
+            # value is refused on its word, so no layer with one ever runs): the blocks'
+            # logic for it then folds away.
+            m.d.sync += [L.k.eq(k), L.stride.eq(s), L.pad.eq(pad),
+                         L.p.eq(p if cfg.has("zero_pred") else 0),
                          L.ho.eq(div_h.quotient + 1), L.wo.eq(div_w.quotient + 1),
                          L.howo.eq(howo), L.n_out.eq(n_out), div_started.eq(0),
                          # the tap table for this geometry (bounded by the table size)
@@ -569,8 +575,8 @@ class Loader(wiring.Component):
             et = data[2:4]
             has_plan = data[4]
             ob = data[8:16]
-            m.d.sync += [L.act_signed.eq(data[0]), L.raw.eq(data[1]), L.et.eq(et),
-                         L.has_plan.eq(has_plan), L.out_bits.eq(ob),
+            m.d.sync += [L.act_signed.eq(data[0]), L.raw.eq(data[1]), L.et.eq(et if cfg.has("early_term") else 0),
+                         L.has_plan.eq(has_plan if hp.plan else 0), L.out_bits.eq(ob),
                          const_mask.eq(Mux(ob >= 24, (1 << 24) - 1, (1 << ob[:5]) - 1))]
             with m.If(hc["et_three"]):
                 fail(Err.BAD_VALUE, et)
