@@ -10,7 +10,7 @@ starts and set only when it completed, so no partial layer can ever run.
 
 from __future__ import annotations
 
-from amaranth import Const, Module, Mux, Signal, signed
+from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.hdl import Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
@@ -22,13 +22,18 @@ from .layouts import (kind_layout, layer_layout, param_layout, plan_layout,
                       reader_param_layout, weight_layout, write_bus)
 from .memories import no_collision_memory, registered_read
 from .multiplier import Multiplier
-from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op
+from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op, _bits
 from .words import word_layout
 
 __all__ = ["Loader"]
 
 PLAN_FEATURES = (FEATURE_BITS["zero_pred"] | FEATURE_BITS["velcro"]
                  | FEATURE_BITS["perforation"])
+
+
+def _sticky(value: Value, width: int) -> Value:
+    """The low ``width - 1`` bits of ``value``, and above them "any higher bit is set"."""
+    return Cat(value[:width - 1], value[width - 1:].any())
 
 
 class _Faults:
@@ -147,14 +152,20 @@ class Loader(wiring.Component):
         # product after another (H*W and Cin*H*W on word 1; Ho*Wo, Cout*Ho*Wo, K*K, Cin*K*K
         # and the dispatcher's tile steps on word 2; Cout*T on word 4). No wide multiplier
         # sits on any path, and none runs at RUN.
+        # Each is as wide as the value it can have when it matters: a size checked against a
+        # limit keeps the 32 bits an error reply reports and a sticky "larger" bit above them
+        # (:func:`_sticky`); a product of fields already checked against their limits (K,
+        # Cout, T) needs only their product's bits.
         hw_ = Signal(32)                      # H*W
-        cin_hw = Signal(48)                   # Cin*H*W
+        cin_hw = Signal(33)                   # Cin*H*W (sticky bit 32)
         howo = Signal(32)                     # Ho*Wo
-        n_out = Signal(48)                    # Cout*Ho*Wo
-        kk = Signal(16)                       # K*K
-        cin_kk = Signal(32)                   # Cin*K*K
-        ct = Signal(48)                       # Cout*T
-        n_params = Signal(20)                 # 5 + 5*Cout: header and parameter words
+        n_out = Signal(33)                    # Cout*Ho*Wo (sticky bit 32)
+        kk = Signal(_bits(cfg.max_k ** 2))    # K*K, K <= max_k once word 2 is taken
+        cin_kk = Signal(_bits(0xFFFF * cfg.max_k ** 2))   # Cin*K*K
+        # Cout*T: compared (n_mismatch) only once Cout <= max_cout and T <= max_taps
+        ct = Signal(_bits(cfg.max_cout * cfg.max_taps))
+        # 5 + 5*Cout: header and parameter words (used once Cout <= max_cout)
+        n_params = Signal(_bits(5 + 5 * cfg.max_cout))
         m.submodules.mul = mul = Multiplier(32, 18)
         m.submodules.div_h = div_h = Divider(18)
         m.submodules.div_w = div_w = Divider(18)
@@ -165,15 +176,20 @@ class Loader(wiring.Component):
         step = Signal(4)                      # products done for the waiting word
         mul_busy = Signal()
 
+        sticky = (cin_hw, n_out)
+
         def products(jobs):
             """Run ``jobs`` = ``[(a, b, dest)]`` in order; the word waits for the result."""
             for k, (a, b, dest) in enumerate(jobs):
+                value = mul.product
+                if any(dest is v for v in sticky):
+                    value = _sticky(value, len(dest))
                 with m.If(step == k):
                     with m.If(~mul_busy):
                         m.d.comb += [mul.start.eq(1), mul.a.eq(a), mul.b.eq(b)]
                         m.d.sync += mul_busy.eq(1)
                     with m.Elif(mul.done):
-                        m.d.sync += [dest.eq(mul.product), step.eq(k + 1), mul_busy.eq(0)]
+                        m.d.sync += [dest.eq(value), step.eq(k + 1), mul_busy.eq(0)]
             return step == len(jobs)
 
         # Header checks, registered: a header word is taken one cycle after its inputs (the
@@ -215,8 +231,9 @@ class Loader(wiring.Component):
         b_ci = Signal(16)
         b_ky = Signal(hp.k_bits)
         b_kx = Signal(hp.k_bits)
-        b_offc = Signal(32)
-        b_offy = Signal(32)
+        # ifmap offsets modulo the address width: the entry keeps only those bits
+        b_offc = Signal(hp.ifa_bits)
+        b_offy = Signal(hp.ifa_bits)
         m.d.comb += [
             tt_w.addr.eq(b_t), tt_w.en.eq(b_run),
             tt_w.data.off.eq(b_offc + b_offy + b_kx), tt_w.data.ky.eq(b_ky),
