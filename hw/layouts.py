@@ -90,8 +90,15 @@ def kind_layout():
 
 
 def ofmap_layout(hp: HwParams):
-    """An ofmap buffer entry written by the writer: final value and performed taps."""
-    return data.StructLayout({"value": hp.value_bits, "e": hp.tap_bits})
+    """An ofmap buffer entry written by the writer: final value and performed taps.
+
+    The taps only where they can differ from ``T`` (early termination) or are sent (trace):
+    otherwise every computed position performs all of them.
+    """
+    fields = {"value": hp.value_bits}
+    if hp.config.has("early_term") or hp.config.trace:
+        fields |= {"e": hp.tap_bits}
+    return data.StructLayout(fields)
 
 
 def _position_fields(hp: HwParams):

@@ -245,8 +245,12 @@ class Responder(wiring.Component):
         with m.Elif(stop02r):
             m.d.comb += [value.eq(0), macs.eq(0), outcome.eq(1)]
         with m.Else():
-            m.d.comb += [value.eq(ofm.value), macs.eq(ofm.e),
-                         outcome.eq(Mux(ofm.e < T, 1, 0))]
+            if "e" in ofmap_layout(hp).members:
+                m.d.comb += [value.eq(ofm.value), macs.eq(ofm.e),
+                             outcome.eq(Mux(ofm.e < T, 1, 0))]
+            else:
+                # without early termination a computed position performed all T taps
+                m.d.comb += [value.eq(ofm.value), macs.eq(T), outcome.eq(0)]
         m.d.comb += inflight.eq(v1 + v1r + v2 + v2r)
 
         # packing

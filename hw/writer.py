@@ -115,11 +115,13 @@ class Writer(wiring.Component):
         # stage 3: write
         m.d.comb += [
             self.ofmap.en.eq(v3 & ~r3.win), self.ofmap.addr.eq(r3.oaddr),
-            self.ofmap.data.value.eq(val3), self.ofmap.data.e.eq(r3.e),
+            self.ofmap.data.value.eq(val3),
             self.winflag.en.eq(v3 & r3.win), self.winflag.addr.eq(r3.oaddr),
             self.winflag.data.eq(r3.fired),
             self.fb_slot.eq(r3.slot), self.fb_nz.eq(val3 != 0),
         ]
+        if "e" in ofmap_layout(hp).members:
+            m.d.comb += self.ofmap.data.e.eq(r3.e)
         for i in range(n):
             m.d.comb += self.fb_valid[i].eq(v3 & ~r3.win & r3.leader & (pe3 == i))
         m.d.comb += self.busy.eq(v0 | v1 | v2 | va | v3)
