@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth import Module, Mux, Signal
+from amaranth import Cat, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -13,6 +13,30 @@ from .params import HwParams
 __all__ = ["Writer"]
 
 INT32_MAX = (1 << 31) - 1
+
+
+def shift_right_window(m, x, amount, keep: int):
+    """``(x >> amount)[:keep]``, and whether any bit of ``x >> amount`` above those is set.
+
+    A logarithmic shifter, largest step first, that keeps only the bits the smaller steps can
+    still bring into the window; bits beyond them will end above it, and are OR-ed into the
+    flag at each step.
+    """
+    bits = x
+    above = []
+    for k in reversed(range(len(amount))):
+        step = 1 << k
+        y = Signal(len(bits), name=f"shr_step{k}")
+        m.d.comb += y.eq(Mux(amount[k], bits >> step, bits))
+        need = keep + step - 1          # the later steps shift by step - 1 at most
+        if len(y) > need:
+            above.append(y[need:].any())
+            y = y[:need]
+        bits = y
+    lo = Signal(keep, name="shr_lo")
+    flag = Signal(name="shr_above")
+    m.d.comb += [lo.eq(bits), flag.eq(Cat(*above).any() if above else 0)]
+    return lo, flag
 
 
 class Writer(wiring.Component):
@@ -97,9 +121,15 @@ class Writer(wiring.Component):
         posa = Signal()
         rnd = Signal(hp.acc_bits + 17)
         m.d.comb += rnd.eq(prod + ((Mux(sh2 != 0, 1, 0) << sh2) >> 1))
-        scaled = Signal(hp.acc_bits + 17)
+        # The clamp's bound 2**out_bits - 1 fits the config's out_bits (word 3 refuses more):
+        # only those low bits of the shifted value and "any bit above them" are needed, a
+        # shifter a third the size of the whole word's on iCE40.
+        ob = hp.config.out_bits
+        lo, above = shift_right_window(m, rnd, sh2, ob)
+        scaled = Signal(ob)
+        scaled_over = Signal()
         m.d.sync += [va.eq(v2), ra.eq(r2), pea.eq(pe2), rawa.eq(raw2), posa.eq(pos2),
-                     scaled.eq(rnd >> sh2)]
+                     scaled.eq(lo), scaled_over.eq(above)]
 
         # stage 3: clamp (or raw)
         v3 = Signal()
@@ -108,7 +138,7 @@ class Writer(wiring.Component):
         val3 = Signal(hp.value_bits)
         top = Signal(17)
         m.d.comb += top.eq((1 << L.out_bits) - 1)
-        q = Mux(scaled > top, top, scaled)
+        q = Mux(scaled_over | (scaled > top), top, scaled)
         m.d.sync += [v3.eq(va), r3.eq(ra), pe3.eq(pea),
                      val3.eq(Mux(~posa, 0, Mux(L.raw, rawa, q)))]
 

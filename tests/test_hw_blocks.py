@@ -14,6 +14,7 @@ from skipconv.hw.fifo import BlockFIFO
 from skipconv.hw.multiplier import Multiplier
 from skipconv.hw.params import UNIT_WIDTH, HwParams
 from skipconv.hw.words import BeatPacker, BeatSplitter
+from skipconv.hw.writer import shift_right_window
 from skipconv.sw.config import EngineConfig
 
 
@@ -50,6 +51,27 @@ def test_divider(num, den):
         assert ctx.get(dut.quotient) == num // den
 
     _sim(dut, bench)
+
+
+def test_shift_right_window():
+    """The writer's narrow shifter: the low bits of x >> s and "any bit above them"."""
+    m = Module()
+    x = Signal(50)
+    amount = Signal(6)
+    lo, above = shift_right_window(m, x, amount, 8)
+    rng = np.random.default_rng(2)
+
+    async def bench(ctx):
+        for _ in range(1500):
+            xv = int(rng.integers(1 << int(rng.choice([8, 12, 20, 40, 50]))))
+            av = int(rng.integers(64))
+            ctx.set(x, xv)
+            ctx.set(amount, av)
+            assert ctx.get(lo) == (xv >> av) & 0xFF
+            assert ctx.get(above) == int((xv >> av) >> 8 != 0)
+        await ctx.tick()
+
+    _sim(m, bench)
 
 
 @pytest.mark.parametrize("depth", [1, 3, 4])
