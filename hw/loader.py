@@ -148,7 +148,7 @@ class Loader(wiring.Component):
         act_field = 32 // per_word
 
         # -- derived sizes, computed while the header word that needs them waits ---------------
-        # Output size: two sequential dividers; products: one sequential multiplier, one
+        # Output size: a sequential divider; products: one sequential multiplier, one
         # product after another (H*W and Cin*H*W on word 1; Ho*Wo, Cout*Ho*Wo, K*K, Cin*K*K
         # and the dispatcher's tile steps on word 2; Cout*T on word 4). No wide multiplier
         # sits on any path, and none runs at RUN.
@@ -167,9 +167,13 @@ class Loader(wiring.Component):
         # 5 + 5*Cout: header and parameter words (used once Cout <= max_cout)
         n_params = Signal(_bits(5 + 5 * cfg.max_cout))
         m.submodules.mul = mul = Multiplier(32, 18)
-        m.submodules.div_h = div_h = Divider(18)
-        m.submodules.div_w = div_w = Divider(18)
-        m.d.sync += [div_h.start.eq(0), div_w.start.eq(0)]
+        # One divider, Ho first, then Wo: they are needed together, once per layer.
+        m.submodules.div = div = Divider(18)
+        m.d.sync += div.start.eq(0)
+        div_wo = Signal()                     # the divider works on Wo (Ho is in ho_q)
+        ho_q = Signal(18)                     # (H + 2P - K) // S
+        div_idle = Signal()                   # done, and no start on its way
+        m.d.comb += div_idle.eq(div.done & ~div.start)
         settle = Signal(2)
         sizes_ready = Signal()
         div_started = Signal()
@@ -216,10 +220,10 @@ class Loader(wiring.Component):
             m.d.sync += hc[name].eq(cond)
         hold = Signal()
 
-        with m.If(div_h.done & div_w.done):
+        with m.If(div_wo & div_idle):
             with m.If(settle != 3):
                 m.d.sync += settle.eq(settle + 1)
-        m.d.comb += sizes_ready.eq(div_h.done & div_w.done & (settle == 3))
+        m.d.comb += sizes_ready.eq(div_wo & div_idle & (settle == 3))
 
         # -- tap table: tap index -> (ifmap offset, ky, kx) -----------------------------------
         tap_shape = weight_layout(hp)
@@ -409,17 +413,20 @@ class Loader(wiring.Component):
                                 m.d.comb += base.eq(products([(data, L.cout, ct)]))
                         with m.Elif(hdr[2]):
                             # the output size is checked on this word: divide first
+                            k, s, pad = data[0:8], data[8:16], data[16:24]
+                            num_h = Signal(signed(20))
+                            num_w = Signal(signed(20))
+                            m.d.comb += [num_h.eq(L.h + 2 * pad - k),
+                                         num_w.eq(L.w + 2 * pad - k)]
                             with m.If(self.words.valid & ~div_started):
-                                k, s, pad = data[0:8], data[8:16], data[16:24]
-                                num_h = Signal(signed(20))
-                                num_w = Signal(signed(20))
-                                m.d.comb += [num_h.eq(L.h + 2 * pad - k),
-                                             num_w.eq(L.w + 2 * pad - k)]
                                 m.d.sync += [
-                                    div_h.start.eq(1), div_h.num.eq(Mux(num_h < 0, 0, num_h)),
-                                    div_h.den.eq(s), div_w.start.eq(1),
-                                    div_w.num.eq(Mux(num_w < 0, 0, num_w)), div_w.den.eq(s),
-                                    settle.eq(0), div_started.eq(1)]
+                                    div.start.eq(1), div.num.eq(Mux(num_h < 0, 0, num_h)),
+                                    div.den.eq(s), div_wo.eq(0), settle.eq(0),
+                                    div_started.eq(1)]
+                            with m.Elif(div_started & ~div_wo & div_idle):
+                                m.d.sync += [
+                                    ho_q.eq(div.quotient), div.start.eq(1),
+                                    div.num.eq(Mux(num_w < 0, 0, num_w)), div_wo.eq(1)]
                             with m.If(div_started & sizes_ready):
                                 k, s, pad, p = data[0:8], data[8:16], data[16:24], data[24:32]
                                 if not cfg.has("zero_pred"):
@@ -428,10 +435,10 @@ class Loader(wiring.Component):
                                 th = Mux(p != 0, p, 1)
                                 tw = Mux(p != 0, p, hp.unit_width)
                                 m.d.comb += base.eq(products([
-                                    (div_h.quotient + 1, div_w.quotient + 1, howo),
+                                    (ho_q + 1, div.quotient + 1, howo),
                                     (howo, L.cout, n_out), (k, k, kk), (kk, L.cin, cin_kk),
                                     (L.w + 1, pad, L.pad_off), (s, th, L.tile_dy),
-                                    (s, tw, L.tile_dx), (div_w.quotient + 1, th, L.tile_dout),
+                                    (s, tw, L.tile_dx), (div.quotient + 1, th, L.tile_dout),
                                     (L.w, s, L.row_dbase), (L.row_dbase, th, L.tile_dbase)]))
                         with m.Elif(hdr.any()):
                             m.d.comb += base.eq(1)
@@ -457,7 +464,7 @@ class Loader(wiring.Component):
                         with m.Switch(op):
                             with m.Case(Op.LOAD_LAYER):
                                 self._layer_word(m, hp, data, hdr, in_par, n, L, fail,
-                                                 div_h, div_w,
+                                                 ho_q, div.quotient,
                                                  cin_kk, n_out, howo, cin_hw, ct, n_params,
                                                  b_run, b_t,
                                                  b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j,
@@ -532,7 +539,7 @@ class Loader(wiring.Component):
 
     # -- LOAD_LAYER body ---------------------------------------------------------------------
 
-    def _layer_word(self, m, hp, data, hdr, in_par, n, L, fail, div_h, div_w, cin_kk, n_out,
+    def _layer_word(self, m, hp, data, hdr, in_par, n, L, fail, ho_q, wo_q, cin_kk, n_out,
                     howo, cin_hw, ct, n_params, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy,
                     pc, pc_j, wp_valid, wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, wc_c,
                     div_started, hc, const_mask):
@@ -563,7 +570,7 @@ class Loader(wiring.Component):
             # logic for it then folds away.
             m.d.sync += [L.k.eq(k), L.stride.eq(s), L.pad.eq(pad),
                          L.p.eq(p if cfg.has("zero_pred") else 0),
-                         L.ho.eq(div_h.quotient + 1), L.wo.eq(div_w.quotient + 1),
+                         L.ho.eq(ho_q + 1), L.wo.eq(wo_q + 1),
                          L.howo.eq(howo), L.n_out.eq(n_out), div_started.eq(0),
                          # the tap table for this geometry (bounded by the table size)
                          b_run.eq(k != 0), b_t.eq(0), b_ci.eq(0), b_ky.eq(0), b_kx.eq(0),
