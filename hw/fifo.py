@@ -15,7 +15,9 @@ from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-__all__ = ["BlockFIFO", "small_fifo"]
+from .memories import no_collision_memory
+
+__all__ = ["BlockFIFO", "BufferedFIFO", "small_fifo"]
 
 
 class BlockFIFO(wiring.Component):
@@ -81,3 +83,67 @@ def small_fifo(*, width: int, depth: int, lut_ram: bool):
     if lut_ram:
         return SyncFIFO(width=width, depth=depth)
     return BlockFIFO(width=width, depth=depth)
+
+
+class BufferedFIFO(wiring.Component):
+    """:class:`amaranth.lib.fifo.SyncFIFOBuffered`, cycle for cycle, without collision logic.
+
+    Its storage is read only while it holds an entry the write port is not writing (the
+    write address meets the read address only when the storage is empty, and then nothing
+    is read, or full, and then nothing is written), so the memory needs no read-during-write
+    emulation: on iCE40 yosys added a register of the write data, an address compare and a
+    multiplexer behind the block RAM (33 FF and ~45 LUT4 for the responder's queue).
+
+    Members
+    -------
+    w_en, w_data : In; w_rdy : Out(1)
+    r_en : In(1); r_data : Out(width); r_rdy : Out(1)
+    level : Out(range(depth + 1))
+        Entries held, the output register's included.
+    """
+
+    def __init__(self, *, width: int, depth: int):
+        if depth < 2:
+            raise ValueError(f"BufferedFIFO depth must be >= 2, not {depth!r}")
+        self.width = width
+        self.depth = depth
+        super().__init__({
+            "w_en": In(1), "w_data": In(width), "w_rdy": Out(1),
+            "r_en": In(1), "r_data": Out(width), "r_rdy": Out(1),
+            "level": Out(range(depth + 1)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        inner = self.depth - 1              # the storage; the output register holds one more
+        m.submodules.storage = mem = no_collision_memory(shape=self.width, depth=inner)
+        wp = mem.write_port()
+        rp = mem.read_port(domain="comb")   # registered below (see .memories)
+
+        inner_level = Signal(range(inner + 1))
+        produce = Signal(range(inner))
+        consume = Signal(range(inner))
+        do_write = Signal()
+        do_read = Signal()                  # storage -> output register
+        m.d.comb += [
+            self.w_rdy.eq(inner_level != inner),
+            do_write.eq(self.w_en & self.w_rdy),
+            do_read.eq((inner_level != 0) & (~self.r_rdy | self.r_en)),
+            wp.addr.eq(produce), wp.data.eq(self.w_data), wp.en.eq(do_write),
+            rp.addr.eq(consume),
+            self.level.eq(inner_level + self.r_rdy),
+        ]
+
+        def incr(v):
+            return Mux(v == inner - 1, 0, v + 1)
+
+        with m.If(do_write):
+            m.d.sync += produce.eq(incr(produce))
+        with m.If(do_read):
+            m.d.sync += [consume.eq(incr(consume)), self.r_data.eq(rp.data)]
+        m.d.sync += inner_level.eq(inner_level + do_write - do_read)
+        with m.If(do_read):
+            m.d.sync += self.r_rdy.eq(1)
+        with m.Elif(self.r_en):
+            m.d.sync += self.r_rdy.eq(0)
+        return m

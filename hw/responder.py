@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from .fifo import BufferedFIFO
 from .layouts import layer_layout, ofmap_layout, param_layout, plan_layout
 from .params import COUNTER_WORDS, MAGIC, HwParams, Reply
 
@@ -71,7 +71,7 @@ class Responder(wiring.Component):
         L = self.layer
         # synchronous read: block RAM on iCE40 too (its RAM has no asynchronous read, and a
         # SyncFIFO of this size is ~400 LUT4 and ~450 FF of registers there)
-        m.submodules.fifo = fifo = SyncFIFOBuffered(width=33, depth=OUT_DEPTH)
+        m.submodules.fifo = fifo = BufferedFIFO(width=33, depth=OUT_DEPTH)
         m.d.comb += [self.words.valid.eq(fifo.r_rdy), self.words.p.data.eq(fifo.r_data[:32]),
                      self.words.p.last.eq(fifo.r_data[32]), fifo.r_en.eq(self.words.ready)]
         f_data = Signal(32)

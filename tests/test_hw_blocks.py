@@ -4,13 +4,13 @@
 import numpy as np
 import pytest
 from amaranth import Module, Signal
-from amaranth.lib.fifo import SyncFIFO
+from amaranth.lib.fifo import SyncFIFO, SyncFIFOBuffered
 from amaranth.sim import Simulator
 
 from skipconv.hw.arbiter import RoundRobin
 from skipconv.hw.dispatch import Dispatcher
 from skipconv.hw.divider import Divider
-from skipconv.hw.fifo import BlockFIFO
+from skipconv.hw.fifo import BlockFIFO, BufferedFIFO
 from skipconv.hw.multiplier import Multiplier
 from skipconv.hw.params import UNIT_WIDTH, HwParams
 from skipconv.hw.words import BeatPacker, BeatSplitter
@@ -74,12 +74,15 @@ def test_shift_right_window():
     _sim(m, bench)
 
 
-@pytest.mark.parametrize("depth", [1, 3, 4])
-def test_block_fifo_is_cycle_exact_sync_fifo(depth):
-    """Random pushes and pops: BlockFIFO's outputs equal SyncFIFO's on every cycle."""
+@pytest.mark.parametrize("ours,theirs,depth", [
+    (BlockFIFO, SyncFIFO, 1), (BlockFIFO, SyncFIFO, 3), (BlockFIFO, SyncFIFO, 4),
+    (BufferedFIFO, SyncFIFOBuffered, 2), (BufferedFIFO, SyncFIFOBuffered, 5),
+    (BufferedFIFO, SyncFIFOBuffered, 16)])
+def test_fifo_is_cycle_exact_amaranth_fifo(ours, theirs, depth):
+    """Random pushes and pops: our FIFO's outputs equal Amaranth's on every cycle."""
     m = Module()
-    m.submodules.ref = ref = SyncFIFO(width=12, depth=depth)
-    m.submodules.dut = dut = BlockFIFO(width=12, depth=depth)
+    m.submodules.ref = ref = theirs(width=12, depth=depth)
+    m.submodules.dut = dut = ours(width=12, depth=depth)
     rng = np.random.default_rng(depth)
 
     async def bench(ctx):
