@@ -9,7 +9,7 @@ the same ports and the same cycle behaviour, but a synchronous read: block RAM.
 
 from __future__ import annotations
 
-from amaranth import Module, Mux, Signal
+from amaranth import Cat, Module, Mux, Signal
 from amaranth.lib import wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
@@ -17,7 +17,7 @@ from amaranth.lib.wiring import In, Out
 
 from .memories import no_collision_memory
 
-__all__ = ["BlockFIFO", "BufferedFIFO", "small_fifo"]
+__all__ = ["BlockFIFO", "BufferedFIFO", "LayoutFIFO", "small_fifo"]
 
 
 class BlockFIFO(wiring.Component):
@@ -75,6 +75,51 @@ class BlockFIFO(wiring.Component):
         m.d.sync += [consume.eq(head), self.level.eq(self.level + do_write - do_read)]
         with m.If(do_write):
             m.d.sync += produce.eq(incr(produce))
+        return m
+
+
+class LayoutFIFO(wiring.Component):
+    """A :func:`small_fifo` of ``layout`` records that stores only the fields not in ``zero``.
+
+    The fields in ``zero`` are always 0 in the build (their mechanism is not built), or
+    nobody reads them: they read as 0 and take no storage. In block RAM a constant column
+    is not removed by yosys, nor the logic behind it.
+
+    Members
+    -------
+    w_en, w_data (``layout``) : In; w_rdy : Out(1)
+    r_en : In(1); r_data (``layout``) : Out; r_rdy : Out(1)
+    level : Out(range(depth + 1))
+    """
+
+    def __init__(self, layout, *, depth: int, lut_ram: bool, zero=()):
+        unknown = set(zero) - set(layout.members)
+        if unknown:
+            raise ValueError(f"LayoutFIFO: no field {sorted(unknown)[0]!r} in {layout!r}")
+        self._layout = layout
+        self._kept = [f for f in layout.members if f not in zero]
+        self._depth = depth
+        self._lut_ram = lut_ram
+        super().__init__({
+            "w_en": In(1), "w_data": In(layout), "w_rdy": Out(1),
+            "r_en": In(1), "r_data": Out(layout), "r_rdy": Out(1),
+            "level": Out(range(depth + 1)),
+        })
+
+    def elaborate(self, platform):
+        m = Module()
+        fields = [self._layout[f] for f in self._kept]
+        w_raw, r_raw = self.w_data.as_value(), self.r_data.as_value()
+        packed_w = Cat(*[w_raw[f.offset:f.offset + f.width] for f in fields])
+        m.submodules.fifo = fifo = small_fifo(width=len(packed_w), depth=self._depth,
+                                              lut_ram=self._lut_ram)
+        m.d.comb += [fifo.w_en.eq(self.w_en), fifo.w_data.eq(packed_w),
+                     self.w_rdy.eq(fifo.w_rdy), fifo.r_en.eq(self.r_en),
+                     self.r_rdy.eq(fifo.r_rdy), self.level.eq(fifo.level)]
+        lo = 0
+        for f in fields:
+            m.d.comb += r_raw[f.offset:f.offset + f.width].eq(fifo.r_data[lo:lo + f.width])
+            lo += f.width
         return m
 
 

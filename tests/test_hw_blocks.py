@@ -10,7 +10,7 @@ from amaranth.sim import Simulator
 from skipconv.hw.arbiter import RoundRobin
 from skipconv.hw.dispatch import Dispatcher
 from skipconv.hw.divider import Divider
-from skipconv.hw.fifo import BlockFIFO, BufferedFIFO
+from skipconv.hw.fifo import BlockFIFO, BufferedFIFO, LayoutFIFO
 from skipconv.hw.multiplier import Multiplier
 from skipconv.hw.params import UNIT_WIDTH, HwParams
 from skipconv.hw.words import BeatPacker, BeatSplitter
@@ -100,6 +100,30 @@ def test_fifo_is_cycle_exact_amaranth_fifo(ours, theirs, depth):
             await ctx.tick()
 
     _sim(m, bench)
+
+
+@pytest.mark.parametrize("lut_ram", [True, False])
+def test_layout_fifo_stores_only_the_kept_fields(lut_ram):
+    from amaranth import signed
+    from amaranth.lib import data
+    layout = data.StructLayout({"a": 3, "z": 4, "b": signed(5)})
+    dut = LayoutFIFO(layout, depth=2, lut_ram=lut_ram, zero={"z"})
+
+    async def bench(ctx):
+        for a, z, b in ((5, 9, -7), (2, 15, 11)):
+            ctx.set(dut.w_data, {"a": a, "z": z, "b": b})
+            ctx.set(dut.w_en, 1)
+            await ctx.tick()
+        ctx.set(dut.w_en, 0)
+        ctx.set(dut.r_en, 1)
+        for a, b in ((5, -7), (2, 11)):
+            assert ctx.get(dut.r_rdy)
+            got = ctx.get(dut.r_data)
+            assert (got.a, got.z, got.b) == (a, 0, b)
+            await ctx.tick()
+        assert not ctx.get(dut.r_rdy)
+
+    _sim(dut, bench)
 
 
 @pytest.mark.parametrize("a,b", [(0, 0), (1, 1), (0xFFFFFFFF, 0xFFFF), (123456, 789), (7, 0),
