@@ -17,6 +17,7 @@ from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
+from .compare import ge_narrow, gt_const, gt_narrow
 from .divider import Divider
 from .layouts import (kind_layout, layer_layout, param_layout, plan_layout,
                       reader_param_layout, weight_layout, write_bus)
@@ -202,16 +203,17 @@ class Loader(wiring.Component):
         hd = data
         checks = {
             "lo_zero": hd[0:16] == 0, "hi_zero": hd[16:32] == 0,            # words 0, 1
-            "cout_limit": hd[16:32] > cfg.max_cout, "size_limit": cin_hw > cfg.max_ifmap,
-            "k_zero": hd[0:8] == 0, "k_limit": hd[0:8] > cfg.max_k,          # word 2
+            "cout_limit": gt_const(hd[16:32], cfg.max_cout),
+            "size_limit": gt_const(cin_hw, cfg.max_ifmap),
+            "k_zero": hd[0:8] == 0, "k_limit": gt_const(hd[0:8], cfg.max_k),  # word 2
             "s_zero": hd[8:16] == 0, "pad_ge_k": hd[16:24] >= hd[0:8],
             "p_one": hd[24:32] == 1, "p_nonzero": hd[24:32] != 0,
-            "p_limit": hd[24:32] > cfg.max_p,
+            "p_limit": gt_const(hd[24:32], cfg.max_p),
             "h_lt_k": L.h + 2 * hd[16:24] < hd[0:8], "w_lt_k": L.w + 2 * hd[16:24] < hd[0:8],
-            "nout_limit": n_out > cfg.max_ofmap,
+            "nout_limit": gt_const(n_out, cfg.max_ofmap),
             "et_three": hd[2:4] == 3, "et_nonzero": hd[2:4] != 0,           # word 3
-            "ob_zero": hd[8:16] == 0, "ob_limit": hd[8:16] > cfg.out_bits,
-            "t_ne_kk": hd != cin_kk, "t_limit": hd > cfg.max_taps,          # word 4
+            "ob_zero": hd[8:16] == 0, "ob_limit": gt_const(hd[8:16], cfg.out_bits),
+            "t_ne_kk": hd != cin_kk, "t_limit": gt_const(hd, cfg.max_taps),  # word 4
             "n_mismatch": n != n_params + ct,
         }
         hc = {}
@@ -631,15 +633,15 @@ class Loader(wiring.Component):
                     m.d.sync += [pc.m.eq(mm), pc.sh.eq(sh), pc_j.eq(2)]
                     with m.If(mm == 0):
                         fail(Err.BAD_VALUE, mm)
-                    with m.Elif(sh > 47):
+                    with m.Elif(gt_const(sh, 47)):
                         fail(Err.BAD_VALUE, sh)
                 with m.Case(2):
                     m.d.sync += [pc.neg_start.eq(data), pc_j.eq(3)]
-                    with m.If(data > L.taps):
+                    with m.If(gt_narrow(data, L.taps)):
                         fail(Err.BAD_VALUE, data)
                 with m.Case(3):
                     m.d.sync += [pc.spec.eq(data), pc_j.eq(4)]
-                    with m.If((data > L.taps) | (data % g != 0)):
+                    with m.If(gt_narrow(data, L.taps) | (data % g != 0)):
                         fail(Err.BAD_VALUE, data)
                 with m.Case(4):
                     th = data.as_signed()
@@ -663,7 +665,7 @@ class Loader(wiring.Component):
                 m.d.sync += [wc_e.eq(wc_e + 1), wc_lane.eq(0), wc_row.eq(wc_row + 1)]
             with m.Else():
                 m.d.sync += [wc_e.eq(wc_e + 1), wc_lane.eq(wc_lane + 1)]
-            with m.If(tap >= L.taps):
+            with m.If(ge_narrow(tap, L.taps)):
                 fail(Err.BAD_VALUE, tap)
 
     # -- LOAD_PLAN body ----------------------------------------------------------------------

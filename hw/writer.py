@@ -7,6 +7,7 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .arbiter import RoundRobin
+from .compare import gt_const
 from .layouts import layer_layout, ofmap_layout, param_layout, result_layout, write_bus
 from .params import HwParams
 
@@ -99,7 +100,7 @@ class Writer(wiring.Component):
         sh1 = Signal(6)
         pos = Signal()
         m.d.sync += [v1.eq(v0), r1.eq(r0), pe1.eq(pe0), m1.eq(self.prm_data.m),
-                     sh1.eq(self.prm_data.sh), pos.eq((r0.psum > 0) & ~r0.fired)]
+                     sh1.eq(self.prm_data.sh), pos.eq(gt_const(r0.psum, 0) & ~r0.fired)]
 
         # stage 2: multiply (registered)
         v2 = Signal()
@@ -111,7 +112,7 @@ class Writer(wiring.Component):
         pos2 = Signal()
         m.d.sync += [v2.eq(v1), r2.eq(r1), pe2.eq(pe1), sh2.eq(sh1), pos2.eq(pos),
                      prod.eq(Mux(pos, r1.psum, 0).as_unsigned() * m1),
-                     raw2.eq(Mux(r1.psum > INT32_MAX, INT32_MAX, r1.psum))]
+                     raw2.eq(Mux(gt_const(r1.psum, INT32_MAX), INT32_MAX, r1.psum))]
 
         # stage 2: round and shift (registered)
         va = Signal()

@@ -9,6 +9,7 @@ from amaranth.sim import Simulator
 
 from skipconv.hw.arbiter import RoundRobin
 from skipconv.hw.dispatch import Dispatcher
+from skipconv.hw.compare import ge_const, ge_narrow, gt_const, gt_narrow
 from skipconv.hw.divider import Divider
 from skipconv.hw.fifo import BlockFIFO, BufferedFIFO, LayoutFIFO
 from skipconv.hw.multiplier import Multiplier
@@ -51,6 +52,34 @@ def test_divider(num, den):
         assert ctx.get(dut.quotient) == num // den
 
     _sim(dut, bench)
+
+
+def test_compare_as_logic():
+    """ge_const / gt_const (unsigned and signed) and the narrow compares against Python."""
+    from amaranth import signed
+    m = Module()
+    x = Signal(9)
+    sx = Signal(signed(7))
+    y = Signal(5)
+    consts = [-1, 0, 1, 2, 5, 47, 255, 256, 300, 511, 512, 600]
+    outs = {c: (ge_const(x, c), gt_const(x, c)) for c in consts}
+    souts = {c: gt_const(sx, c) for c in (0, 1, 20, 63, 64)}
+    narrow = (gt_narrow(x, y), ge_narrow(x, y))
+
+    async def bench(ctx):
+        for v in range(512):
+            sv, yv = (v % 128) - 64, (v * 7) % 32
+            ctx.set(x, v)
+            ctx.set(sx, sv)
+            ctx.set(y, yv)
+            for c, (ge, gt) in outs.items():
+                assert (ctx.get(ge), ctx.get(gt)) == (int(v >= c), int(v > c)), (v, c)
+            for c, gt in souts.items():
+                assert ctx.get(gt) == int(sv > c), (sv, c)
+            assert (ctx.get(narrow[0]), ctx.get(narrow[1])) == (int(v > yv), int(v >= yv))
+        await ctx.tick()
+
+    _sim(m, bench)
 
 
 def test_shift_right_window():
