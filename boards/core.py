@@ -33,6 +33,8 @@ class UARTEngine(wiring.Component):
         Clocks per UART bit.
     byte_timeout : int or None
         Clocks of line silence that drop a partial frame (default: 64 character times).
+    lut_ram : bool
+        The FPGA has distributed RAM (``False`` on iCE40: small memories go to block RAM).
 
     Members
     -------
@@ -44,12 +46,14 @@ class UARTEngine(wiring.Component):
         Pulses when a host frame is dropped (stretch it for an LED).
     """
 
-    def __init__(self, config: EngineConfig, divisor: int, byte_timeout: int | None = None):
+    def __init__(self, config: EngineConfig, divisor: int, byte_timeout: int | None = None,
+                 *, lut_ram: bool = True):
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, not {config!r}")
         self._config = config
         self._divisor = divisor
         self._byte_timeout = byte_timeout or byte_timeout_clocks(divisor)
+        self._lut_ram = lut_ram
         super().__init__({
             "rx": In(1, init=1), "tx": Out(1, init=1),
             "busy": Out(1), "error": Out(1), "link_error": Out(1),
@@ -63,7 +67,7 @@ class UARTEngine(wiring.Component):
         m = Module()
         m.submodules.bridge = bridge = UARTBridge(self._divisor, self._config.bus_bits,
                                                   self._byte_timeout)
-        m.submodules.engine = engine = Engine(self._config)
+        m.submodules.engine = engine = Engine(self._config, lut_ram=self._lut_ram)
         m.d.comb += [
             bridge.rx.eq(self.rx), self.tx.eq(bridge.tx), self.link_error.eq(bridge.link_error),
             engine.s_axis_tdata.eq(bridge.cmd.payload.data),

@@ -107,7 +107,8 @@ class FrameBridge(wiring.Component):
         # -- host frames in ------------------------------------------------------------------
         # written while a frame arrives, read while it is forwarded: never both at once
         m.submodules.rx_mem = rx_mem = no_collision_memory(shape=32, depth=max_words)
-        rx_wr = rx_mem.write_port()
+        # each byte straight into its lane of the word: no word assembly register
+        rx_wr = rx_mem.write_port(granularity=8)
         rx_rd = registered_read(m, rx_mem, "rx_rd")
 
         crc = Signal(16)
@@ -115,7 +116,6 @@ class FrameBridge(wiring.Component):
         seq = Signal(8)
         length = Signal(16)
         count = Signal(range(MAX_PAYLOAD + 1))     # payload bytes received
-        word = Signal(32)
         crc_lo = Signal(8)
         last_seq = Signal(8)
         have_seq = Signal()
@@ -209,13 +209,12 @@ class FrameBridge(wiring.Component):
                         m.next = "PAYLOAD"
             with m.State("PAYLOAD"):
                 in_frame_state(m)
-                next_word = Cat(word[8:], byte)
                 with m.If(got):
-                    m.d.sync += [word.eq(next_word), count.eq(count + 1),
-                                 crc.eq(rx_crc_next)]
+                    m.d.sync += [count.eq(count + 1), crc.eq(rx_crc_next)]
                     # Only data frames are stored (NAK's one byte is not a word).
-                    m.d.comb += [rx_wr.addr.eq(count[2:]), rx_wr.data.eq(next_word),
-                                 rx_wr.en.eq((count[:2] == 3) & (ftype[:4] == 1))]
+                    m.d.comb += [rx_wr.addr.eq(count[2:]), rx_wr.data.eq(byte.replicate(4))]
+                    with m.If(ftype[:4] == 1):
+                        m.d.comb += rx_wr.en.eq(1 << count[:2])
                     with m.If(count + 1 == length):
                         m.next = "CRC0"
             with m.State("CRC0"):

@@ -44,7 +44,8 @@ class ICEBreakerTop(Elaboratable):
         m.submodules.uart_rx = rx = io.Buffer("i", uart.rx)
         m.submodules.uart_tx = tx = io.Buffer("o", uart.tx)
 
-        m.submodules.core = core = UARTEngine(self.config, self.divisor)
+        # iCE40 has no LUT RAM: small memories and FIFOs go to block RAM, not flip-flops
+        m.submodules.core = core = UARTEngine(self.config, self.divisor, lut_ram=False)
         m.d.comb += [core.rx.eq(rx.i), tx.o.eq(core.tx)]
         link = stretch(m, core.link_error, int(self.clk_hz // 10))
         output(m, platform, "led_r", 0, core.error | link)

@@ -31,6 +31,8 @@ class Engine(wiring.Component):
     Parameters
     ----------
     config : EngineConfig
+    lut_ram : bool
+        The target has distributed RAM (see :class:`~.params.HwParams`); ``False`` on iCE40.
 
     Members
     -------
@@ -44,8 +46,8 @@ class Engine(wiring.Component):
         The last command was refused.
     """
 
-    def __init__(self, config: EngineConfig):
-        self._hp = HwParams(config)
+    def __init__(self, config: EngineConfig, *, lut_ram: bool = True):
+        self._hp = HwParams(config, lut_ram=lut_ram)
         b = config.bus_bits
         super().__init__({
             "s_axis_tdata": In(b), "s_axis_tvalid": In(1), "s_axis_tready": Out(1),
@@ -99,13 +101,20 @@ class Engine(wiring.Component):
         # per-channel parameters, written by the loader: one memory per reader with only the
         # fields it reads, so each has one read port (block or LUT RAM, not registers)
         for reader, blk in (("dispatch", disp), ("writer", writer), ("responder", resp)):
-            mem = no_collision_memory(shape=reader_param_layout(hp, reader), depth=cfg.max_cout)
+            layout = reader_param_layout(hp, reader)
+            if not layout.size:
+                continue
+            mem = no_collision_memory(shape=layout, depth=cfg.max_cout)
+            if not hp.lut_ram and layout.size > 1:
+                # a few channels only: without this yosys keeps them in flip-flops on iCE40
+                # (4 channels: ~220 FF and their read multiplexers for dispatch and writer)
+                mem.attrs["ram_style"] = "block"
             m.submodules[f"prm_{reader}"] = mem
             pw = mem.write_port()
             rp = registered_read(m, mem, f"prm_{reader}")
             m.d.comb += [pw.en.eq(loader.prm.en), pw.addr.eq(loader.prm.addr),
                          rp.addr.eq(blk.prm_addr)]
-            for f in PARAM_READERS[reader]:
+            for f, _ in layout:
                 m.d.comb += [pw.data[f].eq(loader.prm.data[f]), blk.prm_data[f].eq(rp.data[f])]
 
         # the ofmap buffer: written by the writer, read by the responder

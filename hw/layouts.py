@@ -53,9 +53,14 @@ PARAM_READERS = {
 
 
 def reader_param_layout(hp: HwParams, reader: str):
-    """The channel parameters one reader (:data:`PARAM_READERS`) holds."""
+    """The channel parameters one reader (:data:`PARAM_READERS`) holds.
+
+    ``stop0`` only with early termination: without it no channel stops at check point 0, and
+    the readers' ``stop0`` stays 0 (the responder then holds nothing).
+    """
     pl = param_layout(hp)
-    return data.StructLayout({f: pl[f].shape for f in PARAM_READERS[reader]})
+    return data.StructLayout({f: pl[f].shape for f in PARAM_READERS[reader]
+                              if f != "stop0" or hp.config.has("early_term")})
 
 
 def weight_layout(hp: HwParams):
@@ -85,8 +90,15 @@ def kind_layout():
 
 
 def ofmap_layout(hp: HwParams):
-    """An ofmap buffer entry written by the writer: final value and performed taps."""
-    return data.StructLayout({"value": hp.value_bits, "e": hp.tap_bits})
+    """An ofmap buffer entry written by the writer: final value and performed taps.
+
+    The taps only where they can differ from ``T`` (early termination) or are sent (trace):
+    otherwise every computed position performs all of them.
+    """
+    fields = {"value": hp.value_bits}
+    if hp.config.has("early_term") or hp.config.trace:
+        fields |= {"e": hp.tap_bits}
+    return data.StructLayout(fields)
 
 
 def _position_fields(hp: HwParams):

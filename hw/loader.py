@@ -10,25 +10,31 @@ starts and set only when it completed, so no partial layer can ever run.
 
 from __future__ import annotations
 
-from amaranth import Const, Module, Mux, Signal, signed
+from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.hdl import Value
 from amaranth.lib import stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 from amaranth.utils import ceil_log2
 
+from .compare import ge_narrow, gt_const, gt_narrow
 from .divider import Divider
 from .layouts import (kind_layout, layer_layout, param_layout, plan_layout,
                       reader_param_layout, weight_layout, write_bus)
 from .memories import no_collision_memory, registered_read
 from .multiplier import Multiplier
-from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op
+from .params import FEATURE_BITS, MAGIC, Err, HwParams, Op, _bits
 from .words import word_layout
 
 __all__ = ["Loader"]
 
 PLAN_FEATURES = (FEATURE_BITS["zero_pred"] | FEATURE_BITS["velcro"]
                  | FEATURE_BITS["perforation"])
+
+
+def _sticky(value: Value, width: int) -> Value:
+    """The low ``width - 1`` bits of ``value``, and above them "any higher bit is set"."""
+    return Cat(value[:width - 1], value[width - 1:].any())
 
 
 class _Faults:
@@ -143,37 +149,52 @@ class Loader(wiring.Component):
         act_field = 32 // per_word
 
         # -- derived sizes, computed while the header word that needs them waits ---------------
-        # Output size: two sequential dividers; products: one sequential multiplier, one
+        # Output size: a sequential divider; products: one sequential multiplier, one
         # product after another (H*W and Cin*H*W on word 1; Ho*Wo, Cout*Ho*Wo, K*K, Cin*K*K
         # and the dispatcher's tile steps on word 2; Cout*T on word 4). No wide multiplier
         # sits on any path, and none runs at RUN.
+        # Each is as wide as the value it can have when it matters: a size checked against a
+        # limit keeps the 32 bits an error reply reports and a sticky "larger" bit above them
+        # (:func:`_sticky`); a product of fields already checked against their limits (K,
+        # Cout, T) needs only their product's bits.
         hw_ = Signal(32)                      # H*W
-        cin_hw = Signal(48)                   # Cin*H*W
+        cin_hw = Signal(33)                   # Cin*H*W (sticky bit 32)
         howo = Signal(32)                     # Ho*Wo
-        n_out = Signal(48)                    # Cout*Ho*Wo
-        kk = Signal(16)                       # K*K
-        cin_kk = Signal(32)                   # Cin*K*K
-        ct = Signal(48)                       # Cout*T
-        n_params = Signal(20)                 # 5 + 5*Cout: header and parameter words
+        n_out = Signal(33)                    # Cout*Ho*Wo (sticky bit 32)
+        kk = Signal(_bits(cfg.max_k ** 2))    # K*K, K <= max_k once word 2 is taken
+        cin_kk = Signal(_bits(0xFFFF * cfg.max_k ** 2))   # Cin*K*K
+        # Cout*T: compared (n_mismatch) only once Cout <= max_cout and T <= max_taps
+        ct = Signal(_bits(cfg.max_cout * cfg.max_taps))
+        # 5 + 5*Cout: header and parameter words (used once Cout <= max_cout)
+        n_params = Signal(_bits(5 + 5 * cfg.max_cout))
         m.submodules.mul = mul = Multiplier(32, 18)
-        m.submodules.div_h = div_h = Divider(18)
-        m.submodules.div_w = div_w = Divider(18)
-        m.d.sync += [div_h.start.eq(0), div_w.start.eq(0)]
+        # One divider, Ho first, then Wo: they are needed together, once per layer.
+        m.submodules.div = div = Divider(18)
+        m.d.sync += div.start.eq(0)
+        div_wo = Signal()                     # the divider works on Wo (Ho is in ho_q)
+        ho_q = Signal(18)                     # (H + 2P - K) // S
+        div_idle = Signal()                   # done, and no start on its way
+        m.d.comb += div_idle.eq(div.done & ~div.start)
         settle = Signal(2)
         sizes_ready = Signal()
         div_started = Signal()
         step = Signal(4)                      # products done for the waiting word
         mul_busy = Signal()
 
+        sticky = (cin_hw, n_out)
+
         def products(jobs):
             """Run ``jobs`` = ``[(a, b, dest)]`` in order; the word waits for the result."""
             for k, (a, b, dest) in enumerate(jobs):
+                value = mul.product
+                if any(dest is v for v in sticky):
+                    value = _sticky(value, len(dest))
                 with m.If(step == k):
                     with m.If(~mul_busy):
                         m.d.comb += [mul.start.eq(1), mul.a.eq(a), mul.b.eq(b)]
                         m.d.sync += mul_busy.eq(1)
                     with m.Elif(mul.done):
-                        m.d.sync += [dest.eq(mul.product), step.eq(k + 1), mul_busy.eq(0)]
+                        m.d.sync += [dest.eq(value), step.eq(k + 1), mul_busy.eq(0)]
             return step == len(jobs)
 
         # Header checks, registered: a header word is taken one cycle after its inputs (the
@@ -182,16 +203,17 @@ class Loader(wiring.Component):
         hd = data
         checks = {
             "lo_zero": hd[0:16] == 0, "hi_zero": hd[16:32] == 0,            # words 0, 1
-            "cout_limit": hd[16:32] > cfg.max_cout, "size_limit": cin_hw > cfg.max_ifmap,
-            "k_zero": hd[0:8] == 0, "k_limit": hd[0:8] > cfg.max_k,          # word 2
+            "cout_limit": gt_const(hd[16:32], cfg.max_cout),
+            "size_limit": gt_const(cin_hw, cfg.max_ifmap),
+            "k_zero": hd[0:8] == 0, "k_limit": gt_const(hd[0:8], cfg.max_k),  # word 2
             "s_zero": hd[8:16] == 0, "pad_ge_k": hd[16:24] >= hd[0:8],
             "p_one": hd[24:32] == 1, "p_nonzero": hd[24:32] != 0,
-            "p_limit": hd[24:32] > cfg.max_p,
+            "p_limit": gt_const(hd[24:32], cfg.max_p),
             "h_lt_k": L.h + 2 * hd[16:24] < hd[0:8], "w_lt_k": L.w + 2 * hd[16:24] < hd[0:8],
-            "nout_limit": n_out > cfg.max_ofmap,
+            "nout_limit": gt_const(n_out, cfg.max_ofmap),
             "et_three": hd[2:4] == 3, "et_nonzero": hd[2:4] != 0,           # word 3
-            "ob_zero": hd[8:16] == 0, "ob_limit": hd[8:16] > cfg.out_bits,
-            "t_ne_kk": hd != cin_kk, "t_limit": hd > cfg.max_taps,          # word 4
+            "ob_zero": hd[8:16] == 0, "ob_limit": gt_const(hd[8:16], cfg.out_bits),
+            "t_ne_kk": hd != cin_kk, "t_limit": gt_const(hd, cfg.max_taps),  # word 4
             "n_mismatch": n != n_params + ct,
         }
         hc = {}
@@ -200,10 +222,10 @@ class Loader(wiring.Component):
             m.d.sync += hc[name].eq(cond)
         hold = Signal()
 
-        with m.If(div_h.done & div_w.done):
+        with m.If(div_wo & div_idle):
             with m.If(settle != 3):
                 m.d.sync += settle.eq(settle + 1)
-        m.d.comb += sizes_ready.eq(div_h.done & div_w.done & (settle == 3))
+        m.d.comb += sizes_ready.eq(div_wo & div_idle & (settle == 3))
 
         # -- tap table: tap index -> (ifmap offset, ky, kx) -----------------------------------
         tap_shape = weight_layout(hp)
@@ -215,8 +237,9 @@ class Loader(wiring.Component):
         b_ci = Signal(16)
         b_ky = Signal(hp.k_bits)
         b_kx = Signal(hp.k_bits)
-        b_offc = Signal(32)
-        b_offy = Signal(32)
+        # ifmap offsets modulo the address width: the entry keeps only those bits
+        b_offc = Signal(hp.ifa_bits)
+        b_offy = Signal(hp.ifa_bits)
         m.d.comb += [
             tt_w.addr.eq(b_t), tt_w.en.eq(b_run),
             tt_w.data.off.eq(b_offc + b_offy + b_kx), tt_w.data.ky.eq(b_ky),
@@ -392,27 +415,32 @@ class Loader(wiring.Component):
                                 m.d.comb += base.eq(products([(data, L.cout, ct)]))
                         with m.Elif(hdr[2]):
                             # the output size is checked on this word: divide first
+                            k, s, pad = data[0:8], data[8:16], data[16:24]
+                            num_h = Signal(signed(20))
+                            num_w = Signal(signed(20))
+                            m.d.comb += [num_h.eq(L.h + 2 * pad - k),
+                                         num_w.eq(L.w + 2 * pad - k)]
                             with m.If(self.words.valid & ~div_started):
-                                k, s, pad = data[0:8], data[8:16], data[16:24]
-                                num_h = Signal(signed(20))
-                                num_w = Signal(signed(20))
-                                m.d.comb += [num_h.eq(L.h + 2 * pad - k),
-                                             num_w.eq(L.w + 2 * pad - k)]
                                 m.d.sync += [
-                                    div_h.start.eq(1), div_h.num.eq(Mux(num_h < 0, 0, num_h)),
-                                    div_h.den.eq(s), div_w.start.eq(1),
-                                    div_w.num.eq(Mux(num_w < 0, 0, num_w)), div_w.den.eq(s),
-                                    settle.eq(0), div_started.eq(1)]
+                                    div.start.eq(1), div.num.eq(Mux(num_h < 0, 0, num_h)),
+                                    div.den.eq(s), div_wo.eq(0), settle.eq(0),
+                                    div_started.eq(1)]
+                            with m.Elif(div_started & ~div_wo & div_idle):
+                                m.d.sync += [
+                                    ho_q.eq(div.quotient), div.start.eq(1),
+                                    div.num.eq(Mux(num_w < 0, 0, num_w)), div_wo.eq(1)]
                             with m.If(div_started & sizes_ready):
                                 k, s, pad, p = data[0:8], data[8:16], data[16:24], data[24:32]
+                                if not cfg.has("zero_pred"):
+                                    p = Const(0, 8)   # P != 0 is refused on this word
                                 # the dispatcher's tile (layer_layout): P x P, else a row
                                 th = Mux(p != 0, p, 1)
                                 tw = Mux(p != 0, p, hp.unit_width)
                                 m.d.comb += base.eq(products([
-                                    (div_h.quotient + 1, div_w.quotient + 1, howo),
+                                    (ho_q + 1, div.quotient + 1, howo),
                                     (howo, L.cout, n_out), (k, k, kk), (kk, L.cin, cin_kk),
                                     (L.w + 1, pad, L.pad_off), (s, th, L.tile_dy),
-                                    (s, tw, L.tile_dx), (div_w.quotient + 1, th, L.tile_dout),
+                                    (s, tw, L.tile_dx), (div.quotient + 1, th, L.tile_dout),
                                     (L.w, s, L.row_dbase), (L.row_dbase, th, L.tile_dbase)]))
                         with m.Elif(hdr.any()):
                             m.d.comb += base.eq(1)
@@ -438,7 +466,7 @@ class Loader(wiring.Component):
                         with m.Switch(op):
                             with m.Case(Op.LOAD_LAYER):
                                 self._layer_word(m, hp, data, hdr, in_par, n, L, fail,
-                                                 div_h, div_w,
+                                                 ho_q, div.quotient,
                                                  cin_kk, n_out, howo, cin_hw, ct, n_params,
                                                  b_run, b_t,
                                                  b_ci, b_ky, b_kx, b_offc, b_offy, pc, pc_j,
@@ -513,7 +541,7 @@ class Loader(wiring.Component):
 
     # -- LOAD_LAYER body ---------------------------------------------------------------------
 
-    def _layer_word(self, m, hp, data, hdr, in_par, n, L, fail, div_h, div_w, cin_kk, n_out,
+    def _layer_word(self, m, hp, data, hdr, in_par, n, L, fail, ho_q, wo_q, cin_kk, n_out,
                     howo, cin_hw, ct, n_params, b_run, b_t, b_ci, b_ky, b_kx, b_offc, b_offy,
                     pc, pc_j, wp_valid, wp_w, wp_row, wp_lane, wc_e, wc_lane, wc_row, wc_c,
                     div_started, hc, const_mask):
@@ -539,8 +567,12 @@ class Loader(wiring.Component):
                 fail(Err.LIMIT, cin_hw)
         with m.Elif(hdr[2]):
             k, s, pad, p = data[0:8], data[8:16], data[16:24], data[24:32]
-            m.d.sync += [L.k.eq(k), L.stride.eq(s), L.pad.eq(pad), L.p.eq(p),
-                         L.ho.eq(div_h.quotient + 1), L.wo.eq(div_w.quotient + 1),
+            # A field whose mechanism is not built stays 0 in the layer registers (a nonzero
+            # value is refused on its word, so no layer with one ever runs): the blocks'
+            # logic for it then folds away.
+            m.d.sync += [L.k.eq(k), L.stride.eq(s), L.pad.eq(pad),
+                         L.p.eq(p if cfg.has("zero_pred") else 0),
+                         L.ho.eq(ho_q + 1), L.wo.eq(wo_q + 1),
                          L.howo.eq(howo), L.n_out.eq(n_out), div_started.eq(0),
                          # the tap table for this geometry (bounded by the table size)
                          b_run.eq(k != 0), b_t.eq(0), b_ci.eq(0), b_ky.eq(0), b_kx.eq(0),
@@ -569,8 +601,8 @@ class Loader(wiring.Component):
             et = data[2:4]
             has_plan = data[4]
             ob = data[8:16]
-            m.d.sync += [L.act_signed.eq(data[0]), L.raw.eq(data[1]), L.et.eq(et),
-                         L.has_plan.eq(has_plan), L.out_bits.eq(ob),
+            m.d.sync += [L.act_signed.eq(data[0]), L.raw.eq(data[1]), L.et.eq(et if cfg.has("early_term") else 0),
+                         L.has_plan.eq(has_plan if hp.plan else 0), L.out_bits.eq(ob),
                          const_mask.eq(Mux(ob >= 24, (1 << 24) - 1, (1 << ob[:5]) - 1))]
             with m.If(hc["et_three"]):
                 fail(Err.BAD_VALUE, et)
@@ -601,21 +633,24 @@ class Loader(wiring.Component):
                     m.d.sync += [pc.m.eq(mm), pc.sh.eq(sh), pc_j.eq(2)]
                     with m.If(mm == 0):
                         fail(Err.BAD_VALUE, mm)
-                    with m.Elif(sh > 47):
+                    with m.Elif(gt_const(sh, 47)):
                         fail(Err.BAD_VALUE, sh)
                 with m.Case(2):
                     m.d.sync += [pc.neg_start.eq(data), pc_j.eq(3)]
-                    with m.If(data > L.taps):
+                    with m.If(gt_narrow(data, L.taps)):
                         fail(Err.BAD_VALUE, data)
                 with m.Case(3):
                     m.d.sync += [pc.spec.eq(data), pc_j.eq(4)]
-                    with m.If((data > L.taps) | (data % g != 0)):
+                    with m.If(gt_narrow(data, L.taps) | (data % g != 0)):
                         fail(Err.BAD_VALUE, data)
                 with m.Case(4):
                     th = data.as_signed()
                     et_on = L.et != 0
                     stop0 = ((et_on & (pc.neg_start == 0) & (pc.bias <= 0))
                              | ((L.et == 2) & (pc.spec == 0) & (pc.bias <= th)))
+                    if not cfg.has("early_term"):
+                        # et != 0 was refused on word 3: nothing reads neg_start, spec, th
+                        stop0 = Const(0)
                     m.d.sync += [pc.th.eq(th), pc.stop0.eq(stop0), pc_j.eq(0),
                                  self.prm.en.eq(1)]
         with m.Else():
@@ -630,7 +665,7 @@ class Loader(wiring.Component):
                 m.d.sync += [wc_e.eq(wc_e + 1), wc_lane.eq(0), wc_row.eq(wc_row + 1)]
             with m.Else():
                 m.d.sync += [wc_e.eq(wc_e + 1), wc_lane.eq(wc_lane + 1)]
-            with m.If(tap >= L.taps):
+            with m.If(ge_narrow(tap, L.taps)):
                 fail(Err.BAD_VALUE, tap)
 
     # -- LOAD_PLAN body ----------------------------------------------------------------------

@@ -67,13 +67,18 @@ def _bits(n: int) -> int:
 
 
 class HwParams:
-    """Widths and depths of the engine built for ``config``."""
+    """Widths and depths of the engine built for ``config``.
 
-    def __init__(self, config: EngineConfig):
+    ``lut_ram``: the target has distributed (LUT) RAM, where small memories and FIFOs are
+    cheapest; without it (iCE40) they go to block RAM instead of flip-flops.
+    """
+
+    def __init__(self, config: EngineConfig, *, lut_ram: bool = True):
         if not isinstance(config, EngineConfig):
             raise TypeError(f"config must be an EngineConfig, not {config!r}")
         c = config
         self.config = c
+        self.lut_ram = bool(lut_ram)
         self.lanes = c.lanes
         self.g = c.g
         self.depth = RING_DEPTH

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.wiring import In, Out
 
-from .layouts import (kind_layout, layer_layout, ready_layout, reader_param_layout,
-                      result_layout, unit_layout, weight_layout, write_bus)
+from .fifo import LayoutFIFO
+from .layouts import (kind_layout, layer_layout, ofmap_layout, ready_layout,
+                      reader_param_layout, result_layout, unit_layout, weight_layout, write_bus)
 from .memories import no_collision_memory, registered_read
 from .params import READY_DEPTH, RESULT_DEPTH, HwParams
 
@@ -133,8 +133,18 @@ class PE(wiring.Component):
             m.d.comb += [p_wr.addr.eq(prm.addr), p_wr.data.eq(prm.data),
                          p_wr.en.eq(prm.en)]
 
-        m.submodules.rq = rq = SyncFIFO(width=ready_layout(hp).size, depth=READY_DEPTH)
-        m.submodules.res = res = SyncFIFO(width=result_layout(hp).size, depth=RESULT_DEPTH)
+        # Fields that are 0, or read by nobody, without their mechanism take no FIFO storage:
+        # leaders, their slots and window decisions (zero prediction), fired (early
+        # termination); the performed taps only where the ofmap buffer keeps them.
+        zero = set() if cfg.has("zero_pred") else {"leader", "slot", "win"}
+        if not cfg.has("early_term"):
+            zero.add("fired")
+        if "e" not in ofmap_layout(hp).members:
+            zero.add("e")
+        m.submodules.rq = rq = LayoutFIFO(ready_layout(hp), depth=READY_DEPTH,
+                                          lut_ram=hp.lut_ram, zero=zero & {"leader", "slot"})
+        m.submodules.res = res = LayoutFIFO(result_layout(hp), depth=RESULT_DEPTH,
+                                            lut_ram=hp.lut_ram, zero=zero)
         m.d.comb += [self.result.valid.eq(res.r_rdy), self.result.payload.eq(res.r_data),
                      res.r_en.eq(self.result.ready)]
         res_in = Signal(result_layout(hp))

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from amaranth import Cat, Const, Module, Mux, Signal
 from amaranth.lib import data, stream, wiring
-from amaranth.lib.fifo import SyncFIFOBuffered
 from amaranth.lib.wiring import In, Out
 
+from .fifo import BufferedFIFO
 from .layouts import layer_layout, ofmap_layout, param_layout, plan_layout
 from .params import COUNTER_WORDS, MAGIC, HwParams, Reply
 
@@ -71,7 +71,7 @@ class Responder(wiring.Component):
         L = self.layer
         # synchronous read: block RAM on iCE40 too (its RAM has no asynchronous read, and a
         # SyncFIFO of this size is ~400 LUT4 and ~450 FF of registers there)
-        m.submodules.fifo = fifo = SyncFIFOBuffered(width=33, depth=OUT_DEPTH)
+        m.submodules.fifo = fifo = BufferedFIFO(width=33, depth=OUT_DEPTH)
         m.d.comb += [self.words.valid.eq(fifo.r_rdy), self.words.p.data.eq(fifo.r_data[:32]),
                      self.words.p.last.eq(fifo.r_data[32]), fifo.r_en.eq(self.words.ready)]
         f_data = Signal(32)
@@ -245,8 +245,12 @@ class Responder(wiring.Component):
         with m.Elif(stop02r):
             m.d.comb += [value.eq(0), macs.eq(0), outcome.eq(1)]
         with m.Else():
-            m.d.comb += [value.eq(ofm.value), macs.eq(ofm.e),
-                         outcome.eq(Mux(ofm.e < T, 1, 0))]
+            if "e" in ofmap_layout(hp).members:
+                m.d.comb += [value.eq(ofm.value), macs.eq(ofm.e),
+                             outcome.eq(Mux(ofm.e < T, 1, 0))]
+            else:
+                # without early termination a computed position performed all T taps
+                m.d.comb += [value.eq(ofm.value), macs.eq(T), outcome.eq(0)]
         m.d.comb += inflight.eq(v1 + v1r + v2 + v2r)
 
         # packing

@@ -2,17 +2,42 @@
 
 from __future__ import annotations
 
-from amaranth import Module, Mux, Signal
+from amaranth import Cat, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from .arbiter import RoundRobin
+from .compare import gt_const
 from .layouts import layer_layout, ofmap_layout, param_layout, result_layout, write_bus
 from .params import HwParams
 
 __all__ = ["Writer"]
 
 INT32_MAX = (1 << 31) - 1
+
+
+def shift_right_window(m, x, amount, keep: int):
+    """``(x >> amount)[:keep]``, and whether any bit of ``x >> amount`` above those is set.
+
+    A logarithmic shifter, largest step first, that keeps only the bits the smaller steps can
+    still bring into the window; bits beyond them will end above it, and are OR-ed into the
+    flag at each step.
+    """
+    bits = x
+    above = []
+    for k in reversed(range(len(amount))):
+        step = 1 << k
+        y = Signal(len(bits), name=f"shr_step{k}")
+        m.d.comb += y.eq(Mux(amount[k], bits >> step, bits))
+        need = keep + step - 1          # the later steps shift by step - 1 at most
+        if len(y) > need:
+            above.append(y[need:].any())
+            y = y[:need]
+        bits = y
+    lo = Signal(keep, name="shr_lo")
+    flag = Signal(name="shr_above")
+    m.d.comb += [lo.eq(bits), flag.eq(Cat(*above).any() if above else 0)]
+    return lo, flag
 
 
 class Writer(wiring.Component):
@@ -82,7 +107,7 @@ class Writer(wiring.Component):
         sh1 = Signal(6)
         pos = Signal()
         m.d.sync += [v1.eq(v0), r1.eq(r0), pe1.eq(pe0), m1.eq(self.prm_data.m),
-                     sh1.eq(self.prm_data.sh), pos.eq((r0.psum > 0) & ~r0.fired)]
+                     sh1.eq(self.prm_data.sh), pos.eq(gt_const(r0.psum, 0) & ~r0.fired)]
 
         # stage 2: multiply (registered)
         v2 = Signal()
@@ -94,7 +119,7 @@ class Writer(wiring.Component):
         pos2 = Signal()
         m.d.sync += [v2.eq(v1), r2.eq(r1), pe2.eq(pe1), sh2.eq(sh1), pos2.eq(pos),
                      prod.eq(Mux(pos, r1.psum, 0).as_unsigned() * m1),
-                     raw2.eq(Mux(r1.psum > INT32_MAX, INT32_MAX, r1.psum))]
+                     raw2.eq(Mux(gt_const(r1.psum, INT32_MAX), INT32_MAX, r1.psum))]
 
         # stage 2: round and shift (registered)
         va = Signal()
@@ -104,9 +129,15 @@ class Writer(wiring.Component):
         posa = Signal()
         rnd = Signal(hp.acc_bits + 17)
         m.d.comb += rnd.eq(prod + ((Mux(sh2 != 0, 1, 0) << sh2) >> 1))
-        scaled = Signal(hp.acc_bits + 17)
+        # The clamp's bound 2**out_bits - 1 fits the config's out_bits (word 3 refuses more):
+        # only those low bits of the shifted value and "any bit above them" are needed, a
+        # shifter a third the size of the whole word's on iCE40.
+        ob = hp.config.out_bits
+        lo, above = shift_right_window(m, rnd, sh2, ob)
+        scaled = Signal(ob)
+        scaled_over = Signal()
         m.d.sync += [va.eq(v2), ra.eq(r2), pea.eq(pe2), rawa.eq(raw2), posa.eq(pos2),
-                     scaled.eq(rnd >> sh2)]
+                     scaled.eq(lo), scaled_over.eq(above)]
 
         # stage 3: clamp (or raw)
         v3 = Signal()
@@ -115,18 +146,20 @@ class Writer(wiring.Component):
         val3 = Signal(hp.value_bits)
         top = Signal(17)
         m.d.comb += top.eq((1 << L.out_bits) - 1)
-        q = Mux(scaled > top, top, scaled)
+        q = Mux(scaled_over | (scaled > top), top, scaled)
         m.d.sync += [v3.eq(va), r3.eq(ra), pe3.eq(pea),
                      val3.eq(Mux(~posa, 0, Mux(L.raw, rawa, q)))]
 
         # stage 3: write
         m.d.comb += [
             self.ofmap.en.eq(v3 & ~r3.win), self.ofmap.addr.eq(r3.oaddr),
-            self.ofmap.data.value.eq(val3), self.ofmap.data.e.eq(r3.e),
+            self.ofmap.data.value.eq(val3),
             self.winflag.en.eq(v3 & r3.win), self.winflag.addr.eq(r3.oaddr),
             self.winflag.data.eq(r3.fired),
             self.fb_slot.eq(r3.slot), self.fb_nz.eq(val3 != 0),
         ]
+        if "e" in ofmap_layout(hp).members:
+            m.d.comb += self.ofmap.data.e.eq(r3.e)
         for i in range(n):
             m.d.comb += self.fb_valid[i].eq(v3 & ~r3.win & r3.leader & (pe3 == i))
         m.d.comb += self.busy.eq(vc | v0 | v1 | v2 | va | v3)

@@ -54,6 +54,25 @@ def test_layer_matches_golden(name, changes, kw, stall):
     _run_and_compare(cfg, layer, x, stall=stall)
 
 
+@pytest.mark.parametrize("name,changes,kw,stall", [LAYERS[0], LAYERS[2]],
+                         ids=[LAYERS[0][0], LAYERS[2][0]])
+def test_block_ram_build_replies_cycle_for_cycle(name, changes, kw, stall):
+    """The iCE40 build (``lut_ram=False``: small FIFOs and memories in block RAM) answers with
+    the default build's very messages, cycle counts included, and both match the golden model."""
+    from skipconv.hw.engine import Engine
+    cfg = EngineConfig(**SMALL, features=ALL).replace(**changes)
+    rng = np.random.default_rng(sum(map(ord, name)) + 1)
+    kw = dict(dict(cin=2, cout=3, h=6, w=5, k=3, g=cfg.g), **kw)
+    layer = random_layer(rng, **kw)
+    x = random_input(rng, layer.in_shape, signed=layer.act_signed)
+    msgs = P.encode_commands(layer, x, cfg, trace=cfg.trace)
+    default = run_messages(cfg, msgs, stall=stall)
+    block = run_messages(cfg, msgs, stall=stall, engine=Engine(cfg, lut_ram=False))
+    assert block == default
+    np.testing.assert_array_equal(P.decode_ofmap(block[-3 if cfg.trace else -2], layer),
+                                  golden.run(layer, x, cfg.g).out)
+
+
 def test_dense_layer_keeps_every_lane_busy():
     """Cout < lanes and a short row: the dense engine still runs at >= 85% MAC utilization."""
     cfg = EngineConfig(**SMALL, lanes=4, features=frozenset(), trace=False)
@@ -64,8 +83,11 @@ def test_dense_layer_keeps_every_lane_busy():
     assert layer.dense_macs / (counters["cycles"] * cfg.lanes) >= 0.85
 
 
-def test_malformed_commands_answered_like_the_protocol_model():
-    """Every malformed case of the catalogue, back to back in one run, then a correct layer."""
+@pytest.mark.parametrize("lut_ram", [True, False], ids=["lut_ram", "block_ram"])
+def test_malformed_commands_answered_like_the_protocol_model(lut_ram):
+    """Every malformed case of the catalogue, back to back in one run, then a correct layer
+    (also in the iCE40 build, ``lut_ram=False``)."""
+    from skipconv.hw.engine import Engine
     cfg = EngineConfig(**SMALL, lanes=1)
     cases = malformed_cases(cfg, seed=3)
     assert len(cases) >= 50
@@ -80,7 +102,8 @@ def test_malformed_commands_answered_like_the_protocol_model():
     for msg in P.encode_commands(layer, x, cfg, trace=True):
         chunks.append((msg, True))
         expected += responder.feed_message(msg)
-    got = run_messages(cfg, None, chunks=chunks, replies=len(expected))
+    got = run_messages(cfg, None, chunks=chunks, replies=len(expected),
+                       engine=Engine(cfg, lut_ram=lut_ram))
     assert [m.type for m in got] == [m.type for m in expected]
     errors = [(m.body[0], m.body[1]) for m in got if m.type == P.Res.ERROR]
     assert errors == [(m.body[0], m.body[1]) for m in expected if m.type == P.Res.ERROR]

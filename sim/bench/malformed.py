@@ -156,6 +156,8 @@ def malformed_cases(config: EngineConfig, seed: int = 0) -> list[FaultCase]:
     h_big = cfg.max_ifmap // L.cin + 1
     if h_big < 1 << 16:
         one("Cin*H*W > max_ifmap", E.LIMIT, layer_field(1, 0, 16, h_big))
+    # the product beyond 32 bits: the reply's detail is its low 32 bits
+    one("Cin*H*W >= 2**32", E.LIMIT, layer_field(1, 0, 32, 0xFFFFFFFF))
     if cfg.max_k < 255:
         one("K > max_k", E.LIMIT, layer_field(2, 0, 8, cfg.max_k + 1))
     if cfg.out_bits < 255:
