@@ -20,6 +20,20 @@ from .memories import no_collision_memory
 __all__ = ["BlockFIFO", "BufferedFIFO", "LayoutFIFO", "small_fifo"]
 
 
+def _fifo_members(shape, depth: int) -> dict:
+    """The ports every FIFO here shares with :class:`amaranth.lib.fifo.SyncFIFO`."""
+    return {
+        "w_en": In(1), "w_data": In(shape), "w_rdy": Out(1),
+        "r_en": In(1), "r_data": Out(shape), "r_rdy": Out(1),
+        "level": Out(range(depth + 1)),
+    }
+
+
+def _wrap_incr(v, depth: int):
+    """The next index of a ring of ``depth`` entries."""
+    return Mux(v == depth - 1, 0, v + 1)
+
+
 class BlockFIFO(wiring.Component):
     """A first-word-fall-through FIFO in block RAM, cycle for cycle a :class:`SyncFIFO`.
 
@@ -41,11 +55,7 @@ class BlockFIFO(wiring.Component):
             raise ValueError(f"BlockFIFO depth must be >= 1, not {depth!r}")
         self.width = width
         self.depth = depth
-        super().__init__({
-            "w_en": In(1), "w_data": In(width), "w_rdy": Out(1),
-            "r_en": In(1), "r_data": Out(width), "r_rdy": Out(1),
-            "level": Out(range(depth + 1)),
-        })
+        super().__init__(_fifo_members(width, depth))
 
     def elaborate(self, platform):
         m = Module()
@@ -66,7 +76,7 @@ class BlockFIFO(wiring.Component):
         ]
 
         def incr(v):
-            return Mux(v == depth - 1, 0, v + 1)
+            return _wrap_incr(v, depth)
 
         head = Signal(range(depth))         # the head of the next cycle
         m.d.comb += head.eq(Mux(do_read, incr(consume), consume))
@@ -100,11 +110,7 @@ class LayoutFIFO(wiring.Component):
         self._kept = [f for f in layout.members if f not in zero]
         self._depth = depth
         self._lut_ram = lut_ram
-        super().__init__({
-            "w_en": In(1), "w_data": In(layout), "w_rdy": Out(1),
-            "r_en": In(1), "r_data": Out(layout), "r_rdy": Out(1),
-            "level": Out(range(depth + 1)),
-        })
+        super().__init__(_fifo_members(layout, depth))
 
     def elaborate(self, platform):
         m = Module()
@@ -152,11 +158,7 @@ class BufferedFIFO(wiring.Component):
             raise ValueError(f"BufferedFIFO depth must be >= 2, not {depth!r}")
         self.width = width
         self.depth = depth
-        super().__init__({
-            "w_en": In(1), "w_data": In(width), "w_rdy": Out(1),
-            "r_en": In(1), "r_data": Out(width), "r_rdy": Out(1),
-            "level": Out(range(depth + 1)),
-        })
+        super().__init__(_fifo_members(width, depth))
 
     def elaborate(self, platform):
         m = Module()
@@ -180,7 +182,7 @@ class BufferedFIFO(wiring.Component):
         ]
 
         def incr(v):
-            return Mux(v == inner - 1, 0, v + 1)
+            return _wrap_incr(v, inner)
 
         with m.If(do_write):
             m.d.sync += produce.eq(incr(produce))
