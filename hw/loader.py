@@ -601,7 +601,8 @@ class Loader(wiring.Component):
             et = data[2:4]
             has_plan = data[4]
             ob = data[8:16]
-            m.d.sync += [L.act_signed.eq(data[0]), L.raw.eq(data[1]), L.et.eq(et if cfg.has("early_term") else 0),
+            m.d.sync += [L.act_signed.eq(data[0]), L.raw.eq(data[1]),
+                         L.et.eq(et if cfg.has("early_term") else 0),
                          L.has_plan.eq(has_plan if hp.plan else 0), L.out_bits.eq(ob),
                          const_mask.eq(Mux(ob >= 24, (1 << 24) - 1, (1 << ob[:5]) - 1))]
             with m.If(hc["et_three"]):
