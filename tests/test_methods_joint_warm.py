@@ -84,3 +84,15 @@ def test_warm_option_is_checked_by_name():
     assert run._warm(("perforation",)) == ("perforation",)
     with pytest.raises(ValueError, match="warm = 'snapea'"):
         run._warm("snapea")
+
+
+def test_warm_options_are_on_the_command_lines(capsys):
+    from skipconv.sw.cli import main
+    for cmd in (["optimize", "--help"], ["bench", "methods", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(cmd)
+        assert e.value.code == 0
+        assert "--joint-warm" in capsys.readouterr().out
+    assert main(["optimize", "lenet", "--method", "velcro", "--joint-warm", "velcro",
+                 "-o", "unused"]) == 2
+    assert "--joint-warm: only with --method joint" in capsys.readouterr().err
