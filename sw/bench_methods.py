@@ -45,6 +45,14 @@ def add_arguments(parser):
     parser.add_argument("--joint-max-seconds", type=float, default=None,
                         help="joint search: start no round after this many seconds (a "
                              "deadline; default none)")
+    parser.add_argument("--joint-warm", default=None, metavar="METHODS",
+                        help="joint search: single methods whose configurations warm-start "
+                             "it (comma-separated of velcro,perforation; 'none': from "
+                             "nothing; default methods.run.JOINT_WARM)")
+    parser.add_argument("--joint-cold", default=None, choices=("yes", "no"),
+                        help="joint search with a warm start: also search from nothing and "
+                             "keep the better chosen step on the search images (default "
+                             "methods.run.JOINT_COLD: yes)")
     parser.add_argument("--retrain-epochs", type=int, default=None, metavar="N",
                         help=f"{RETRAIN}, {JOINT_RETRAIN} (--methods names): epochs of "
                              "retraining with the skips in the forward pass (default "
@@ -84,7 +92,9 @@ def run(args) -> dict:
                         opts["retrain_set"] = args.retrain_set
                 elif method in ("joint", JOINT_RETRAIN):
                     opts = {k: v for k, v in (("lazy_k", args.joint_lazy),
-                                              ("max_seconds", args.joint_max_seconds))
+                                              ("max_seconds", args.joint_max_seconds),
+                                              ("warm", args.joint_warm),
+                                              ("cold", args.joint_cold))
                             if v is not None}
                     if method == JOINT_RETRAIN:
                         from .methods.finetune import RETRAIN_EPOCHS
@@ -122,6 +132,11 @@ def run(args) -> dict:
                 if method in ("joint", JOINT_RETRAIN):
                     res[method]["evaluations"] = s["info"].get("evaluations")
                     res[method]["stop"] = s["info"].get("stop")
+                    warm = s["info"].get("warm") or {}
+                    res[method]["warm_start"] = warm.get("chosen")
+                    res[method]["kept"] = warm.get("kept")
+                    res[method]["chosen_step"] = s["info"].get("chosen_step")
+                    res[method]["steps"] = s["info"].get("steps")
             if "velcro" in methods:
                 s = optimize_model(model, "velcro", 0.0, out / model / "velcro_specialized",
                                    executor=ex, calib_n=args.calib, test_n=args.test,

@@ -49,6 +49,12 @@ def add_arguments(parser):
                              "and back off on the calibration images (augmented, default), "
                              "the same by margin loss on the training images themselves "
                              "(train), or search on the calibration images alone (calib)")
+    parser.add_argument("--joint-warm", default=None, metavar="METHODS",
+                        help="joint (augmented or train search): single methods whose "
+                             "configurations, expressed in the joint ladders, warm-start the "
+                             "search (comma-separated of velcro,perforation; the best within "
+                             "the guards is step 0; 'none': start from nothing; default "
+                             "velcro,perforation)")
     parser.add_argument("--search", default="augmented", choices=("augmented", "calib"),
                         help="zero_pred, perforation: rank candidates on augmented copies of "
                              "training images with eps * 3 there and back off on the "
@@ -101,6 +107,12 @@ def run(args) -> int:
                           file=sys.stderr)
                     return 2
                 options[name] = v
+    if args.joint_warm is not None:
+        if args.method != "joint":
+            print(f"skipconv optimize: --joint-warm: only with --method joint "
+                  f"(--method {args.method})", file=sys.stderr)
+            return 2
+        options["warm"] = args.joint_warm
     if args.retrain is not None or args.retrain_lr is not None or args.retrain_set:
         if args.method not in ("zero_pred", "joint"):
             print(f"skipconv optimize: --retrain / --retrain-lr: only with --method zero_pred "

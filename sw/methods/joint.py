@@ -14,8 +14,10 @@ A layer never holds zero prediction and perforation together (semantics.md). The
 greedy: every round evaluates each single move (one ladder of one layer one or two rungs up)
 and takes the one with the most saved MACs per NLL increase among those that keep the top-1
 drop on the search images within ``eps * margin`` (and the NLL rise within ``nll_cap``); it
-stops when no move does. The result is
-then checked by golden execution on held-out images (:func:`check`).
+stops when no move does. It starts from nothing (every ladder at rung 0) or from a *warm
+start*: a single method's configuration expressed in the ladders (:func:`seed_states`), the
+best of several chosen by :func:`choose_start`. The result is then checked by golden
+execution on held-out images (:func:`check`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .common import HeldOut, NetEval, golden_eval, validate_plan
 from .executor import Executor, SerialExecutor
 
 __all__ = ["Ladders", "build_ladders", "compose", "optimize", "lazy_moves", "check",
-           "JointResult"]
+           "JointResult", "seed_states", "choose_start"]
 
 ZP_WINDOWS = (2, 3, 4)
 VELCRO_STEPS = tuple(round(0.05 * k, 2) for k in range(1, 19))
@@ -108,6 +110,79 @@ def compose(layer: Layer, lad: Ladders, i: int, state: dict) -> Layer:
     return L
 
 
+def seed_states(lad: Ladders, *, velcro_T=None, perforated=None) -> dict:
+    """A single method's configuration expressed in the joint ladders (a warm start).
+
+    ``velcro_T``: VELCRO's threshold per layer (:func:`velcro.optimize`'s ``T``);
+    ``perforated``: the share of perforated output positions per layer (of a perforation
+    plan, :func:`perforation.perforated_of`). Each layer takes, per method, the highest rung
+    that is not more aggressive: VELCRO ``T`` at most the single method's, a perforation
+    mask with at most as many positions. The rungs hold the joint ladders' own statistics
+    (variance tensors and impacts of the ladders' images), so the seed is the single
+    method's *choice* (how much of which layer), not its exact positions. ``None`` or a
+    layer beyond the list: rung 0.
+    """
+    n = len(lad.velcro)
+    states = {i: {m: 0 for m in METHODS} for i in range(n)}
+    for i, t in enumerate(velcro_T or ()):
+        if i < n and t > 0:
+            states[i]["velcro"] = max(k for k, v in enumerate(lad.velcro[i]) if v <= t + 1e-9)
+    for i, share in enumerate(perforated or ()):
+        if i < n and share > 0:
+            states[i]["perf"] = max(k for k, m in enumerate(lad.perf[i])
+                                    if m.mean() <= share + 1e-9)
+    return states
+
+
+def _checked_states(lad: Ladders, states: dict, n: int) -> dict:
+    """``states`` completed to every layer and method; rungs in range, semantics kept."""
+    out = {i: {m: 0 for m in METHODS} for i in range(n)}
+    for i, st in states.items():
+        if not 0 <= i < n:
+            raise ValueError(f"start names layer {i!r}; the network has {n} layers")
+        for m, k in st.items():
+            if m not in METHODS:
+                raise ValueError(f"start layer {i}: unknown method {m!r}")
+            if not 0 <= k < lad.size(m, i):
+                raise ValueError(f"start layer {i} {m}: rung {k!r} not in 0..{lad.size(m, i) - 1}")
+            out[i][m] = int(k)
+        if out[i]["zp"] and out[i]["perf"]:
+            raise ValueError(f"start layer {i}: zero prediction and perforation together")
+    return out
+
+
+def choose_start(ev: NetEval, val: NetEval, lad: Ladders, seeds: dict, eps: float, *,
+                 margin: float, val_margin: float) -> tuple:
+    """The warm start among ``seeds`` (``{label: states}``): the one that saves the most MACs
+    on ``ev`` (the search images) among those whose guarded top-1 drop is within
+    ``eps * margin`` there and within ``eps * val_margin`` on ``val`` (the back-off's held-out
+    images), i.e. those :func:`optimize` would have accepted as a step it may return.
+
+    Returns ``(label, states, checks)``: ``(None, None, checks)`` when no seed is within;
+    ``checks`` holds per seed ``label``, ``search_drop``, ``search_mac_reduction``,
+    ``val_drop`` (``None``: not checked, the search guard failed), ``val_mac_reduction``
+    and ``within``.
+    """
+    best, checks = None, []
+    for label, st in seeds.items():
+        st = _checked_states(lad, st, len(ev.layers))
+        r = ev.run(_plan(ev, lad, st))
+        sdrop = ev.base.acc - ev.guarded_acc(r)
+        rec = {"label": label, "search_drop": sdrop, "search_mac_reduction": r.mac_reduction,
+               "val_drop": None, "val_mac_reduction": None, "within": False}
+        if sdrop <= eps * margin + 1e-12:
+            rv = val.run(_plan(val, lad, st))
+            rec["val_drop"] = val.base.acc - val.guarded_acc(rv)
+            rec["val_mac_reduction"] = rv.mac_reduction
+            rec["within"] = bool(rec["val_drop"] <= eps * val_margin + 1e-12)
+        checks.append(rec)
+        if rec["within"] and (best is None or r.saved > best[0]):
+            best = (r.saved, label, st)
+    if best is None:
+        return None, None, checks
+    return best[1], best[2], checks
+
+
 def _plan(ev, lad, states) -> dict:
     plan = {}
     for i, st in states.items():
@@ -150,7 +225,8 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
              max_jump: int = 2, max_rounds: int = 200, methods=METHODS,
              objective: str = "nll", val: NetEval | None = None, val_margin: float = 0.5,
              val_stop: float = 1.0, lazy_k: int | None = None, full_every: int = 10,
-             max_seconds: float | None = None, progress: bool = True) -> JointResult:
+             max_seconds: float | None = None, start: dict | None = None,
+             progress: bool = True) -> JointResult:
     """Greedy joint configuration within ``eps * margin`` top-1 drop on ``ev``'s images.
 
     Each round takes the move with the most saved MACs per rise of the ``objective`` on
@@ -179,6 +255,13 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
 
     ``max_seconds``: no new round starts after that much wall time (a deadline; the back-off
     then chooses along the trajectory so far). :attr:`JointResult.stop` says why it stopped.
+
+    ``start`` (``{layer: {method: rung}}``, e.g. from :func:`seed_states` /
+    :func:`choose_start`; ``None``: every ladder at rung 0): the warm start, step 0 of the
+    trajectory (``history[0]`` is ``"start"`` instead of ``"floor"``). It must be within the
+    search guard on ``ev`` and, with ``val``, within ``eps * val_margin`` there (ValueError
+    otherwise), so the back-off can never return less than it: every accepted move saves
+    more MACs on ``ev`` than the step before.
     """
     from tqdm import tqdm
 
@@ -189,14 +272,22 @@ def optimize(ev: NetEval, eps: float, *, model=None, margin: float = 0.25,
     lad = ladders or build_ladders(ev, model=model)
     base = ev.base
     budget = eps * margin
-    states = {i: {m: 0 for m in METHODS} for i in range(len(ev.layers))}
+    states = _checked_states(lad, start or {}, len(ev.layers))
+    first = "floor" if start is None else "start"
     acc, nll, saved, mloss = _joint_task((ev, lad), states)
+    if start is not None and (base.acc - acc > budget + 1e-12 or (
+            nll_cap is not None and nll - base.nll > nll_cap)):
+        raise ValueError(f"start: guarded top-1 drop {base.acc - acc:.4f} / NLL rise "
+                         f"{nll - base.nll:.4f} on the search images, past the search guard")
     cost = (lambda n, ml: n) if objective == "nll" else (lambda n, ml: ml)
-    history = [("floor", acc, nll, saved)]
+    history = [(first, acc, nll, saved)]
     trail = [states]
     held = HeldOut(val, eps, val_margin, val_stop) if val is not None else None
     if held is not None:
-        held.check(_plan(val, lad, states), "floor")
+        d0 = held.check(_plan(val, lad, states), first)
+        if start is not None and not held.within(d0):
+            raise ValueError(f"start: guarded top-1 drop {d0:.4f} on the held-out images, past "
+                             f"eps * val_margin = {eps * val_margin:.4f}")
     ctx = (ev, lad)
     bar = tqdm(total=max_rounds, desc="joint", disable=not progress, leave=False)
     scores = {}         # move -> score at its last evaluation (None: broke the budget)

@@ -1,0 +1,98 @@
+"""The joint search's warm start (``joint.seed_states``, ``choose_start``, ``optimize(start=)``):
+a single method's configuration expressed in the joint ladders is step 0 of the trajectory, so
+the back-off never returns less than it. Small budgets: a few hundred images, short ladders.
+"""
+
+import numpy as np
+import pytest
+
+from skipconv.sw import data
+from skipconv.sw.methods import joint, perforation, run
+from skipconv.sw.methods.common import NetEval
+
+
+def _ev(net, split, n):
+    return NetEval(net, split.x[:n].numpy(), split.y[:n].numpy())
+
+
+@pytest.fixture(scope="module")
+def setting(lenet):
+    model, net, splits = lenet
+    ev = _ev(net, data.augment(splits["train"][np.arange(150)], 1), 150)   # search images
+    val = _ev(net, splits["calib"], 200)                                   # back-off
+    lad = joint.build_ladders(_ev(net, splits["train"], 150), model=model, zp_windows=(2,),
+                              velcro_steps=(0.1, 0.2, 0.3, 0.4), perf_rates=(0.2, 0.4),
+                              tolerances=(0.0, 0.04))
+    return ev, val, lad
+
+
+def test_seed_states_take_the_highest_rung_not_more_aggressive(setting):
+    ev, _, lad = setting
+    st = joint.seed_states(lad, velcro_T=(0.0, 0.25, 0.4), perforated=(0.3, 0.0, 0.45))
+    assert [s["velcro"] for s in st.values()] == [0, 2, 4]        # T 0.2 <= 0.25, T 0.4
+    for i, share in enumerate((0.3, 0.0, 0.45)):
+        k = st[i]["perf"]
+        assert lad.perf[i][k].mean() <= share + 1e-9
+        assert k + 1 == len(lad.perf[i]) or lad.perf[i][k + 1].mean() > share
+    assert all(s["zp"] == 0 and s["et"] == 0 for s in st.values())
+    # Perforation shares measured on a plan map back to the rung they came from.
+    L = perforation.apply(ev.layers[1], lad.perf[1][2])
+    share = float(perforation.perforated_of(L).mean())
+    assert joint.seed_states(lad, perforated=(0.0, share))[1]["perf"] == 2
+
+
+def test_warm_started_search_never_ends_below_its_seed_and_stays_within(setting):
+    ev, val, lad = setting
+    eps, margin, val_margin = 0.01, 3.0, 0.5
+    seeds = {"velcro": joint.seed_states(lad, velcro_T=(0.2, 0.2, 0.1)),
+             "too_far": joint.seed_states(lad, velcro_T=(0.4, 0.4, 0.4),
+                                          perforated=(0.45, 0.45, 0.45))}
+    label, start, checks = joint.choose_start(ev, val, lad, seeds, eps, margin=margin,
+                                              val_margin=val_margin)
+    assert [c["label"] for c in checks] == ["velcro", "too_far"]
+    assert label == "velcro" and not checks[1]["within"]
+    seed_saved = ev.run(joint._plan(ev, lad, start)).saved
+    res = joint.optimize(ev, eps, ladders=lad, margin=margin, nll_cap=None, max_jump=1,
+                         max_rounds=4, val=val, val_margin=val_margin, val_stop=1.5,
+                         start=start, progress=False)
+    assert res.history[0][0] == "start" and res.trail[0] == start
+    assert res.history[0][3] == seed_saved
+    assert res.history[res.chosen][3] >= seed_saved          # never below the seed
+    assert ev.run(res.plan).saved == res.history[res.chosen][3]
+    assert res.val[res.chosen]["drop"] <= eps * val_margin + 1e-12   # within the back-off
+    for _, acc, _, _ in res.history:
+        assert ev.base.acc - acc <= eps * margin + 1e-12              # and the search guard
+    for i, st in res.states.items():                          # moves only raise rungs
+        assert all(st[m] >= start[i][m] for m in joint.METHODS)
+        assert not (st["zp"] and st["perf"])
+
+
+def test_a_start_outside_the_guards_is_refused(setting):
+    ev, val, lad = setting
+    far = joint.seed_states(lad, velcro_T=(0.4, 0.4, 0.4), perforated=(0.45, 0.45, 0.45))
+    with pytest.raises(ValueError, match="start: guarded top-1 drop"):
+        joint.optimize(ev, 0.01, ladders=lad, margin=3.0, nll_cap=None, max_rounds=1,
+                       val=val, val_margin=0.5, start=far, progress=False)
+    bad = {0: {"zp": 1, "perf": 1}}
+    with pytest.raises(ValueError, match="zero prediction and perforation together"):
+        joint.optimize(ev, 0.01, ladders=lad, max_rounds=1, start=bad, progress=False)
+
+
+def test_warm_option_is_checked_by_name():
+    assert run._warm(None) == () and run._warm("none") == () and run._warm("") == ()
+    assert run._warm("velcro, perforation") == ("velcro", "perforation")
+    assert run._warm(("perforation",)) == ("perforation",)
+    with pytest.raises(ValueError, match="warm = 'snapea'"):
+        run._warm("snapea")
+
+
+def test_warm_options_are_on_the_command_lines(capsys):
+    from skipconv.sw.cli import main
+    for cmd in (["optimize", "--help"], ["bench", "methods", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(cmd)
+        assert e.value.code == 0
+        assert "--joint-warm" in capsys.readouterr().out
+    assert main(["optimize", "lenet", "--method", "velcro", "--joint-warm", "velcro",
+                 "-o", "unused"]) == 2
+    assert "--joint-warm: only with --method joint" in capsys.readouterr().err
