@@ -70,8 +70,8 @@ CALIB_MARGIN = 0.5
 #: SnaPEA (13 min on resnet_small) and zero prediction (its records are not the ladders'
 #: diagonal windows) do not seed. On resnet_small the search from nothing ended at 0.491,
 #: VELCRO alone at 0.485 (docs/benchmarks.md, Methods).
-JOINT_WARM = ("velcro", "perforation")
 WARM_METHODS = ("velcro", "perforation")
+JOINT_WARM = WARM_METHODS
 #: With a warm start, also search from nothing and keep the trajectory whose chosen step
 #: saves more MACs on the search images (``options["cold"]``; both chosen steps are within
 #: the same guards). Greedy from different starts ends at different configurations: on lenet
@@ -244,14 +244,9 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
         if start is not None and _flag(options.get("cold", JOINT_COLD), "cold"):
             cold = search(None)
             kept = "cold" if cold.history[cold.chosen][3] > res.history[res.chosen][3] else "warm"
-            info["warm"]["cold"] = {
-                "chosen_step": cold.chosen, "steps": len(cold.history) - 1, "stop": cold.stop,
-                "evaluations": cold.evaluations,
-                "search_mac_reduction": cold.history[cold.chosen][3] / ev_r.base.total["dense"]}
-            info["warm"]["warm_search"] = {
-                "chosen_step": res.chosen, "steps": len(res.history) - 1, "stop": res.stop,
-                "evaluations": res.evaluations,
-                "search_mac_reduction": res.history[res.chosen][3] / ev_r.base.total["dense"]}
+            dense = ev_r.base.total["dense"]
+            info["warm"]["cold"] = _search_info(cold, dense)
+            info["warm"]["warm_search"] = _search_info(res, dense)
             info["warm"]["kept"] = kept
             evaluations = res.evaluations + cold.evaluations
             if kept == "cold":
@@ -370,6 +365,13 @@ def _warm_start(warm, model, ev, ev_aug, ev_r, lad, eps, margin, val_margin, exe
     info.update(chosen=label, checks=checks, seconds=round(time.monotonic() - t0, 1),
                 states={str(k): v for k, v in states.items()} if states else None)
     return states, info
+
+
+def _search_info(res, dense_macs) -> dict:
+    """One joint search's chosen step, length, stop reason, cost and saving on its images."""
+    return {"chosen_step": res.chosen, "steps": len(res.history) - 1, "stop": res.stop,
+            "evaluations": res.evaluations,
+            "search_mac_reduction": res.history[res.chosen][3] / dense_macs}
 
 
 def _flag(v, name):
