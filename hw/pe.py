@@ -94,7 +94,9 @@ class PE(wiring.Component):
         # them.) A single PE has no fan-out to cut.
         L, wt, ifm, kind, prm = self.layer, self.wt, self.ifm, self.kind, self.prm
         if hp.lanes > 1:
-            L, wt, ifm, kind, prm = (Signal(v.shape()) for v in (L, wt, ifm, kind, prm))
+            L, wt, ifm, kind, prm = (Signal(v.shape(), name=f"arrived_{n}") for v, n in
+                                     ((L, "layer"), (wt, "wt"), (ifm, "ifm"), (kind, "kind"),
+                                      (prm, "prm")))
             m.d.sync += [L.eq(self.layer), wt.eq(self.wt), ifm.eq(self.ifm),
                          kind.eq(self.kind), prm.eq(self.prm)]
         NS = hp.slots
@@ -440,25 +442,27 @@ class PE(wiring.Component):
             m.d.sync += [s5_check.eq(at_spec | (et_on & neg)),
                          s5_x.eq(Mux(at_spec & ~(neg & (th < 0)), th, 0))]
 
-        # stage 5: multiply (product registered); psum - x - 1 ahead of the add, so that
-        # stage 6 gets "sum <= x" as the sign of a single add.
+        # stage 5: multiply (product registered); the bound moves on with its round
         s6_p = [Signal(signed(hp.prod_bits), name=f"s6_p{j}") for j in range(g)]
         for j in range(g):
             m.d.sync += s6_p[j].eq(s5_a[j] * s5_w[j])
-        s6_px = Signal(signed(max(hp.acc_bits, 32) + 2))
+        s6_x = Signal(signed(32))
         s6_check = Signal()
-        m.d.sync += [ctx[6].eq(ctx[5]), s6_px.eq(ctx[5].psum - s5_x - 1),
-                     s6_check.eq(s5_check)]
+        m.d.sync += [ctx[6].eq(ctx[5]), s6_x.eq(s5_x), s6_check.eq(s5_check)]
 
-        # stage 6: accumulate into the context's partial sum; stage 0's decisions
+        # stage 6: accumulate into the context's partial sum; stage 0's decisions. "sum <=
+        # x" compares the new sum itself: a compare behind the add, instead of a full-width
+        # psum - x - 1 in stage 5 plus a second add of the products to it (53 fewer LUT4
+        # per PE on ECP5; docs/benchmarks.md, Boards, ninth round).
         total = s6_p[0]
         for j in range(1, g):
             total = total + s6_p[j]
         c6 = ctx[6]
-        le_x = (s6_px + total) < 0                    # new sum <= x
+        new_sum = Signal(signed(hp.acc_bits))
+        m.d.comb += new_sum.eq(c6.psum + total)
         enext6, lv6 = next_issue(c6.e)
-        m.d.sync += [ctx[0].eq(c6), ctx[0].psum.eq(c6.psum + total),
-                     c0_fired.eq(s6_check & le_x),
+        m.d.sync += [ctx[0].eq(c6), ctx[0].psum.eq(new_sum),
+                     c0_fired.eq(s6_check & (new_sum <= s6_x)),
                      c0_end.eq(c6.e >= T), c0_enext.eq(enext6), c0_lv.eq(lv6)]
         assert D == 7, "the stages above are written for a ring of 7 contexts"
 
