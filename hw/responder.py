@@ -136,9 +136,11 @@ class Responder(wiring.Component):
         ro_chbase = Signal(hp.ofn_bits)
         ro_xm = Signal(4)
         ro_ym = Signal(4)
-        ro_wx = Signal(hp.ofn_bits)
-        ro_wrow = Signal(hp.ofn_bits)       # window index of (wy, 0) in channel order
-        ro_wcols = Signal(hp.ofn_bits)      # windows per row (counted on the first row)
+        # Window indices run row-major within a channel, channels one after another (the
+        # dispatcher's unit order), so the window after a row's last is the next window row's
+        # first: two indices and increments, no windows-per-row count.
+        ro_widx = Signal(hp.ofn_bits)       # window index of the position
+        ro_wrow = Signal(hp.ofn_bits)       # window index of the window row's first window
         inflight = Signal(3)
         # Registered, so the FIFO level and the in-flight count are not in front of every
         # readout counter's enable: level + inflight grows by at most one a cycle, so one
@@ -151,7 +153,7 @@ class Responder(wiring.Component):
         m.d.comb += last_pos.eq(ro_pos == L.n_out - 1)
         p = L.p
         m.d.comb += [self.plan_a_addr.eq(ro_pos), self.nn_addr.eq(ro_pix),
-                     self.win_addr.eq(ro_wrow + ro_wx), self.prm_addr.eq(ro_c)]
+                     self.win_addr.eq(ro_widx), self.prm_addr.eq(ro_c)]
         with m.If(go):
             with m.If(last_pos):
                 m.d.sync += issuing.eq(0)
@@ -160,20 +162,18 @@ class Responder(wiring.Component):
             xm_wrap = ro_xm == p - 1
             with m.If(~x_end):
                 m.d.sync += [ro_x.eq(ro_x + 1), ro_xm.eq(Mux(xm_wrap, 0, ro_xm + 1)),
-                             ro_wx.eq(ro_wx + xm_wrap)]
+                             ro_widx.eq(ro_widx + xm_wrap)]
             with m.Else():
-                m.d.sync += [ro_x.eq(0), ro_xm.eq(0), ro_wx.eq(0)]
-                with m.If(ro_wcols == 0):
-                    m.d.sync += ro_wcols.eq(ro_wx + 1)
-                cols = Mux(ro_wcols == 0, ro_wx + 1, ro_wcols)
+                m.d.sync += [ro_x.eq(0), ro_xm.eq(0), ro_widx.eq(ro_wrow)]
                 y_end = ro_y == L.ho - 1
                 ym_wrap = ro_ym == p - 1
+                with m.If(y_end | ym_wrap):
+                    # the next window row (or channel) starts after this row's last window
+                    m.d.sync += [ro_widx.eq(ro_widx + 1), ro_wrow.eq(ro_widx + 1)]
                 with m.If(~y_end):
                     m.d.sync += [ro_y.eq(ro_y + 1), ro_ym.eq(Mux(ym_wrap, 0, ro_ym + 1))]
-                    with m.If(ym_wrap):
-                        m.d.sync += ro_wrow.eq(ro_wrow + cols)
                 with m.Else():
-                    m.d.sync += [ro_y.eq(0), ro_ym.eq(0), ro_wrow.eq(ro_wrow + cols),
+                    m.d.sync += [ro_y.eq(0), ro_ym.eq(0),
                                  ro_c.eq(ro_c + 1), ro_pix.eq(0),
                                  ro_chbase.eq(ro_chbase + L.howo)]
 
@@ -276,8 +276,8 @@ class Responder(wiring.Component):
 
         def start_pass():
             m.d.sync += [issuing.eq(1), ro_c.eq(0), ro_y.eq(0), ro_x.eq(0), ro_pos.eq(0),
-                         ro_pix.eq(0), ro_chbase.eq(0), ro_xm.eq(0), ro_ym.eq(0), ro_wx.eq(0),
-                         ro_wrow.eq(0), ro_wcols.eq(0), pk.eq(0), pk_n.eq(0)]
+                         ro_pix.eq(0), ro_chbase.eq(0), ro_xm.eq(0), ro_ym.eq(0), ro_widx.eq(0),
+                         ro_wrow.eq(0), pk.eq(0), pk_n.eq(0)]
 
         room = Signal()
         m.d.comb += room.eq(fifo.w_rdy)
