@@ -198,11 +198,10 @@ class PE(wiring.Component):
         dy = Signal(4)
         dx = Signal(4)
         p_oaddr = Signal(hp.ofa_bits)
-        p_iy0 = Signal(signed(hp.coord_bits))
+        p_iy0 = Signal(signed(hp.coord_bits))  # the same along a row
         p_ix0 = Signal(signed(hp.coord_bits))
         p_base = Signal(signed(hp.base_bits))
         r_oaddr = Signal(hp.ofa_bits)       # row starts
-        r_iy0 = Signal(signed(hp.coord_bits))
         r_base = Signal(signed(hp.base_bits))
         scanning = Signal()                 # a scan is in progress (walking or draining)
 
@@ -229,12 +228,18 @@ class PE(wiring.Component):
                 m.d.sync += [dx.eq(dx + 1), p_oaddr.eq(p_oaddr + 1),
                              p_ix0.eq(p_ix0 + L.stride), p_base.eq(p_base + L.stride)]
             with m.Else():
-                m.d.sync += [dx.eq(0), dy.eq(dy + 1),
-                             p_oaddr.eq(r_oaddr + L.wo), r_oaddr.eq(r_oaddr + L.wo),
-                             p_iy0.eq(r_iy0 + L.stride), r_iy0.eq(r_iy0 + L.stride),
-                             p_ix0.eq(cur.ix0),
-                             p_base.eq(r_base + row_step), r_base.eq(r_base + row_step)]
-                with m.If(dy + 1 >= cur.hmax):
+                m.d.sync += dx.eq(0)
+                if cfg.has("zero_pred"):
+                    # only a zero-prediction window spans several rows (the dispatcher's
+                    # other units are one row): without it the row walk is not built
+                    m.d.sync += [dy.eq(dy + 1),
+                                 p_oaddr.eq(r_oaddr + L.wo), r_oaddr.eq(r_oaddr + L.wo),
+                                 p_iy0.eq(p_iy0 + L.stride),
+                                 p_ix0.eq(cur.ix0),
+                                 p_base.eq(r_base + row_step), r_base.eq(r_base + row_step)]
+                    with m.If(dy + 1 >= cur.hmax):
+                        m.d.sync += walking.eq(0)
+                else:
                     m.d.sync += walking.eq(0)
 
         # stage B: decide whether the position enters the ring
@@ -294,7 +299,7 @@ class PE(wiring.Component):
                 with m.If(scan_slot == s):
                     u = slot_unit[s]
                     m.d.sync += [cur.eq(u), p_oaddr.eq(u.oaddr), r_oaddr.eq(u.oaddr),
-                                 p_iy0.eq(u.iy0), r_iy0.eq(u.iy0), p_ix0.eq(u.ix0),
+                                 p_iy0.eq(u.iy0), p_ix0.eq(u.ix0),
                                  p_base.eq(u.base), r_base.eq(u.base)]
             m.d.sync += [cur_slot.eq(scan_slot), follow.eq(fol_go), walking.eq(1),
                          scanning.eq(1), dx.eq(0), dy.eq(0)]
