@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from amaranth import Cat, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from .fifo import LayoutFIFO
@@ -162,7 +163,16 @@ class PE(wiring.Component):
             m.d.comb += [et_on.eq(L.et != 0), pred.eq(L.et == 2)]
 
         # -- unit slots (a FIFO of windows) --------------------------------------------------
-        slot_unit = [Signal(unit_layout(hp), name=f"slot{s}_unit") for s in range(NS)]
+        # A memory read asynchronously by slot index (LUT RAM on ECP5), not registers and a
+        # wide multiplexer: a slot is never read in the cycle it is written (the scan reads a
+        # slot before the tail, the window decision the head).
+        m.submodules.slots = slots = Memory(shape=unit_layout(hp), depth=NS, init=[])
+        slot_wr = slots.write_port()
+        slot_rd = slots.read_port(domain="comb")
+        # the window decision's index, read at the head: its own copy (one read port each)
+        m.submodules.slot_widx = slot_widx = Memory(shape=hp.ofa_bits, depth=NS, init=[])
+        widx_wr = slot_widx.write_port()
+        widx_rd = slot_widx.read_port(domain="comb")
         # leaders in flight per slot: at most a whole p x p window
         out_shape = range(cfg.max_p ** 2 + 1)
         outstanding = [Signal(out_shape, name=f"slot{s}_out") for s in range(NS)]
@@ -184,11 +194,15 @@ class PE(wiring.Component):
         # The dispatcher's grant and unit are registered: a granted unit is on its way for
         # one cycle, so a PE does not ask again while its grant arrives.
         m.d.comb += self.req.eq((count < NS) & (nscan == count) & ~self.grant)
+        m.d.comb += [slot_wr.addr.eq(tail), slot_wr.data.eq(self.unit),
+                     slot_wr.en.eq(self.grant), widx_wr.addr.eq(tail),
+                     widx_wr.data.eq(self.unit.widx), widx_wr.en.eq(self.grant),
+                     widx_rd.addr.eq(head)]
         with m.If(self.grant):
             m.d.comb += count_inc.eq(1)
             for s in range(NS):
                 with m.If(tail == s):
-                    m.d.sync += [slot_unit[s].eq(self.unit), nz[s].eq(0)]
+                    m.d.sync += nz[s].eq(0)
 
         # -- scanner ---------------------------------------------------------------------------
         cur = Signal(unit_layout(hp))       # the unit being scanned
@@ -294,14 +308,13 @@ class PE(wiring.Component):
         fol_go = Signal()
         scan_slot = Signal(hp.slot_bits)
         m.d.comb += scan_slot.eq(Mux(fol_go, head, head + nscan))
+        m.d.comb += slot_rd.addr.eq(scan_slot)
         with m.If(scan_go):
-            for s in range(NS):
-                with m.If(scan_slot == s):
-                    u = slot_unit[s]
-                    m.d.sync += [cur.eq(u), p_oaddr.eq(u.oaddr), r_oaddr.eq(u.oaddr),
-                                 p_iy0.eq(u.iy0), p_ix0.eq(u.ix0),
-                                 p_base.eq(u.base), r_base.eq(u.base)]
-            m.d.sync += [cur_slot.eq(scan_slot), follow.eq(fol_go), walking.eq(1),
+            u = slot_rd.data
+            m.d.sync += [cur.eq(u), p_oaddr.eq(u.oaddr), r_oaddr.eq(u.oaddr),
+                         p_iy0.eq(u.iy0), p_ix0.eq(u.ix0),
+                         p_base.eq(u.base), r_base.eq(u.base),
+                         cur_slot.eq(scan_slot), follow.eq(fol_go), walking.eq(1),
                          scanning.eq(1), dx.eq(0), dy.eq(0)]
 
         with m.If(scanning):
@@ -362,7 +375,7 @@ class PE(wiring.Component):
                          res_in.fired.eq(win_fired)]
         m.d.comb += win_write.eq(win_pending & ~finishing & res.w_rdy)
         with m.If(win_push):
-            m.d.sync += [win_pending.eq(1), win_widx.eq(slot_unit_widx(m, slot_unit, head, hp)),
+            m.d.sync += [win_pending.eq(1), win_widx.eq(widx_rd.data),
                          win_fired.eq(~head_nz)]
         with m.Elif(win_write):
             m.d.sync += win_pending.eq(0)
@@ -477,11 +490,3 @@ class PE(wiring.Component):
         m.d.comb += self.idle.eq(~busy)
         return m
 
-
-def slot_unit_widx(m, slot_unit, head, hp):
-    """The window index of the head slot's unit."""
-    widx = Signal(hp.ofa_bits)
-    for s, u in enumerate(slot_unit):
-        with m.If(head == s):
-            m.d.comb += widx.eq(u.widx)
-    return widx
