@@ -191,9 +191,14 @@ class PE(wiring.Component):
         with m.If(count_dec):
             m.d.sync += head.eq(head + 1)
 
-        # The dispatcher's grant and unit are registered: a granted unit is on its way for
-        # one cycle, so a PE does not ask again while its grant arrives.
-        m.d.comb += self.req.eq((count < NS) & (nscan == count) & ~self.grant)
+        # The request is registered (the dispatcher's round robin then starts from eight
+        # flip-flops, not from every PE's slot counters: the routed lanes-8 critical path),
+        # and so are the dispatcher's grant and unit. A request is answered in the cycle
+        # after it or not at all, so a PE asks at most every other cycle and not while its
+        # grant arrives: at most one unit is ever on its way, and never to a full PE.
+        req = Signal()
+        m.d.sync += req.eq((count < NS) & (nscan == count) & ~self.grant & ~req)
+        m.d.comb += self.req.eq(req)
         m.d.comb += [slot_wr.addr.eq(tail), slot_wr.data.eq(self.unit),
                      slot_wr.en.eq(self.grant), widx_wr.addr.eq(tail),
                      widx_wr.data.eq(self.unit.widx), widx_wr.en.eq(self.grant),
