@@ -191,8 +191,8 @@ class PE(wiring.Component):
         with m.If(count_dec):
             m.d.sync += head.eq(head + 1)
 
-        # The request is registered (the dispatcher's round robin then starts from eight
-        # flip-flops, not from every PE's slot counters: the routed lanes-8 critical path),
+        # The request is registered (the dispatcher's round robin then starts from one
+        # flip-flop per PE, not from every PE's slot counters: the routed lanes-8 critical path),
         # and so are the dispatcher's grant and unit. A request is answered in the cycle
         # after it or not at all, so a PE asks at most every other cycle and not while its
         # grant arrives: at most one unit is ever on its way, and never to a full PE.
