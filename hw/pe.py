@@ -224,13 +224,16 @@ class PE(wiring.Component):
         r_base = Signal(signed(hp.base_bits))
         scanning = Signal()                 # a scan is in progress (walking or draining)
 
-        b_valid = Signal()                  # stage B: plan kind arrived
+        b_valid = Signal()                  # stage B: plan kind read
         b_pos = Signal(ready_layout(hp))
         b_follow = Signal()
+        c_valid = Signal()                  # stage C: plan kind arrived
+        c_pos = Signal(ready_layout(hp))
+        c_follow = Signal()
 
         row_step = L.row_dbase                        # S * W, multiplied out by the loader
         credit = Signal()
-        m.d.comb += credit.eq(rq.level + b_valid < READY_DEPTH)
+        m.d.comb += credit.eq(rq.level + b_valid + c_valid < READY_DEPTH)
         advance = Signal()
         m.d.comb += advance.eq(walking & credit)
         if hp.plan:
@@ -261,30 +264,34 @@ class PE(wiring.Component):
                 else:
                     m.d.sync += walking.eq(0)
 
-        # stage B: decide whether the position enters the ring
+        # stage B: the plan kind is registered as it leaves the block RAM (its clock-to-out
+        # would otherwise sit in front of the decision below: a routed lanes-8 critical path)
         kd = Signal(kind_layout())
         if hp.plan:
-            m.d.comb += kd.eq(k_rd.data)
+            m.d.sync += kd.eq(k_rd.data)
             with m.If(~L.has_plan):
-                m.d.comb += kd.eq(0)
+                m.d.sync += kd.eq(0)
+        m.d.sync += [c_valid.eq(b_valid), c_pos.eq(b_pos), c_follow.eq(b_follow)]
+
+        # stage C: decide whether the position enters the ring
         is_leader = Signal()
         m.d.comb += is_leader.eq(zp & kd.leader)
         issue = Signal()
-        m.d.comb += issue.eq(b_valid & (kd.kind == COMPUTE) & ~cur.stop0 &
-                             Mux(zp, is_leader != b_follow, 1))
+        m.d.comb += issue.eq(c_valid & (kd.kind == COMPUTE) & ~cur.stop0 &
+                             Mux(zp, is_leader != c_follow, 1))
         rq_in = Signal(ready_layout(hp))
-        m.d.comb += [rq_in.eq(b_pos), rq_in.leader.eq(is_leader)]
+        m.d.comb += [rq_in.eq(c_pos), rq_in.leader.eq(is_leader)]
         m.d.comb += [rq.w_en.eq(issue), rq.w_data.eq(rq_in)]
         const_nz = Signal()
-        m.d.comb += const_nz.eq(b_valid & zp & ~b_follow & is_leader & (kd.kind == CONST) &
+        m.d.comb += const_nz.eq(c_valid & zp & ~c_follow & is_leader & (kd.kind == CONST) &
                                 kd.const_nz)
 
         # outstanding leaders and nonzero flags per slot
         for s in range(NS):
-            inc = issue & is_leader & (b_pos.slot == s)
+            inc = issue & is_leader & (c_pos.slot == s)
             dec = self.fb_valid & (self.fb_slot == s)
             m.d.sync += outstanding[s].eq(outstanding[s] + inc - dec)
-            with m.If((const_nz & (b_pos.slot == s)) | (dec & self.fb_nz)):
+            with m.If((const_nz & (c_pos.slot == s)) | (dec & self.fb_nz)):
                 m.d.sync += nz[s].eq(1)
             with m.If(self.grant & (tail == s)):
                 m.d.sync += outstanding[s].eq(0)
@@ -323,7 +330,7 @@ class PE(wiring.Component):
                          scanning.eq(1), dx.eq(0), dy.eq(0)]
 
         with m.If(scanning):
-            with m.If(~walking & ~b_valid):
+            with m.If(~walking & ~b_valid & ~c_valid):
                 m.d.sync += scanning.eq(0)
                 with m.If(follow):
                     m.d.comb += [count_dec.eq(1), nscan_dec.eq(1)]
@@ -491,7 +498,8 @@ class PE(wiring.Component):
 
         busy = Signal()
         m.d.comb += busy.eq(Cat(*[k.valid for k in ctx]).any() | (count != 0) | scanning |
-                            b_valid | win_pending | rq.r_rdy | res.r_rdy | self.grant)
+                            b_valid | c_valid | win_pending | rq.r_rdy | res.r_rdy |
+                            self.grant)
         m.d.comb += self.idle.eq(~busy)
         return m
 
