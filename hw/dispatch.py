@@ -29,11 +29,11 @@ class Dispatcher(wiring.Component):
     prm_data : In(param_layout)
         Synchronous read port of the parameter memory.
     req : In(lanes)
-        PEs asking for a unit.
+        PEs asking for a unit (each from a register in its PE).
     grant : Out(lanes)
         One-hot: this PE takes ``unit`` this cycle. Registered, with ``unit``: a cycle
-        after the request it answers (the PEs' requests, the arbiter and the unit's adders
-        would otherwise sit in front of every PE's slot registers).
+        after the request it answers (the arbiter and the unit's adders would otherwise sit
+        in front of every PE's slot memory).
     unit : Out(unit_layout)
     done : Out(1)
         Every unit of the layer has been handed out (low from ``start``).

@@ -199,6 +199,8 @@ class PE(wiring.Component):
         req = Signal()
         m.d.sync += req.eq((count < NS) & (nscan == count) & ~self.grant & ~req)
         m.d.comb += self.req.eq(req)
+
+        # a granted unit goes to the tail slot; the window decision reads the head's index
         m.d.comb += [slot_wr.addr.eq(tail), slot_wr.data.eq(self.unit),
                      slot_wr.en.eq(self.grant), widx_wr.addr.eq(tail),
                      widx_wr.data.eq(self.unit.widx), widx_wr.en.eq(self.grant),
