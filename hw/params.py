@@ -29,6 +29,10 @@ READY_DEPTH = 4
 #: Depth of a PE's result FIFO towards the writer.
 RESULT_DEPTH = 4
 
+#: Result streams one round-robin of the writer's gather serves; more lanes are gathered in
+#: registered groups of this many (eight in one arbiter were the ECP5 build's critical path).
+GATHER_FAN = 4
+
 MAGIC = 0xC5
 
 
@@ -85,6 +89,7 @@ class HwParams:
         self.slots = SLOTS
         self.slot_bits = ceil_log2(SLOTS)
         self.unit_width = UNIT_WIDTH
+        self.gather_fan = GATHER_FAN
         self.acc_bits = c.acc_bits
         self.tap_bits = c.tap_bits                      # 0..max_taps
         self.cout_bits = _bits(c.max_cout)              # 0..max_cout

@@ -6,8 +6,8 @@ from amaranth import Cat, Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from .arbiter import RoundRobin
 from .compare import gt_const
+from .gather import Gather
 from .layouts import layer_layout, ofmap_layout, param_layout, result_layout, write_bus
 from .params import HwParams
 
@@ -41,7 +41,7 @@ def shift_right_window(m, x, amount, keep: int):
 
 
 class Writer(wiring.Component):
-    """Round-robin over the PEs' result streams; ``q(acc)`` (or raw) into the ofmap buffer.
+    """Gathers the PEs' result streams round-robin; ``q(acc)`` (or raw) into the ofmap buffer.
 
     Pipeline: choose (registered); read the channel's ``M``/``sh``; register them; multiply
     (registered); round and shift (registered); clamp; write. Window decisions go to the
@@ -76,22 +76,18 @@ class Writer(wiring.Component):
         L = self.layer
         n = hp.lanes
         rl = result_layout(hp)
-        m.submodules.rr = rr = RoundRobin(n)
+        m.submodules.gather = gather = Gather(rl, n, hp.gather_fan)
         for i in range(n):
-            m.d.comb += [rr.req[i].eq(self.results[i].valid),
-                         self.results[i].ready.eq(rr.grant[i])]
-        m.d.comb += rr.advance.eq(1)
-        chosen = Signal(rl)
-        for i in range(n):
-            with m.If(rr.index == i):
-                m.d.comb += chosen.eq(self.results[i].payload)
+            wiring.connect(m, wiring.flipped(self.results[i]), gather.i[i])
+        m.d.comb += gather.o.ready.eq(1)
 
         # stage 0: the chosen result, registered before it addresses the parameter memory
         # (the arbiter and the lanes' payload mux would otherwise sit in front of it)
         vc = Signal()
         rc = Signal(rl)
         pec = Signal(range(max(2, n)))
-        m.d.sync += [vc.eq(rr.valid), rc.eq(chosen), pec.eq(rr.index)]
+        m.d.sync += [vc.eq(gather.o.valid), rc.eq(gather.o.payload.data),
+                     pec.eq(gather.o.payload.lane)]
         m.d.comb += self.prm_addr.eq(rc.c)
 
         # stage 1: the channel's parameters arrive (registered: no memory output feeds the
@@ -162,5 +158,5 @@ class Writer(wiring.Component):
             m.d.comb += self.ofmap.data.e.eq(r3.e)
         for i in range(n):
             m.d.comb += self.fb_valid[i].eq(v3 & ~r3.win & r3.leader & (pe3 == i))
-        m.d.comb += self.busy.eq(vc | v0 | v1 | v2 | va | v3)
+        m.d.comb += self.busy.eq(gather.busy | vc | v0 | v1 | v2 | va | v3)
         return m

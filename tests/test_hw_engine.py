@@ -25,6 +25,9 @@ LAYERS = [
      dict(features=["zero_pred", "early_term"], et="predictive", act_signed=True), 0.0),
     ("stride 2 raw output, zero_pred", dict(lanes=2), dict(features=["zero_pred", "velcro"],
                                                            stride=2, h=9, w=8, raw=True), 0.0),
+    # more lanes than one gather arbiter serves: results gathered in registered groups
+    ("zero_pred+ET+velcro lanes 6 grouped gather stalls", dict(lanes=6, max_cout=8),
+     dict(features=["zero_pred", "early_term", "velcro"], cout=7), 0.25),
 ]
 
 
