@@ -79,7 +79,7 @@ def build_ladders(ev: NetEval, *, model=None, first_layer_velcro: bool = False,
         rungs = [r for _, r in labelled]
         et.append(([] if not L.act_signed else [None]) + rungs)
         et_tol.append(([] if not L.act_signed else [None])
-                      + [0.0 if lab == "exact" else float(lab[4:]) for lab, _ in labelled])
+                      + [snapea.rung_tolerance(lab) for lab, _ in labelled])
         ho, wo = L.out_hw
         zp.append([0] + [p for p in zp_windows if p <= max(ho, wo)])
         vl.append([0.0] + (list(velcro_steps) if (i > 0 or first_layer_velcro) else []))
