@@ -54,7 +54,7 @@ def add_arguments(parser):
                              "configurations, expressed in the joint ladders, warm-start the "
                              "search (comma-separated of snapea,velcro,perforation; the best "
                              "of each alone and their unions within the guards is step 0; "
-                             "'none': start from nothing; default velcro,perforation)")
+                             "'none': start from nothing; default all three)")
     parser.add_argument("--search", default="augmented", choices=("augmented", "calib"),
                         help="zero_pred, perforation: rank candidates on augmented copies of "
                              "training images with eps * 3 there and back off on the "

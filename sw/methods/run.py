@@ -72,9 +72,11 @@ CALIB_MARGIN = 0.5
 #: (its records are not the ladders' diagonal windows). On resnet_small the search from
 #: nothing ended at 0.491, VELCRO alone at 0.485 (docs/benchmarks.md, Methods).
 WARM_METHODS = ("snapea", "velcro", "perforation")
-#: The default seeds: VELCRO and perforation cost 1-5 min on the zoo; SnaPEA (13 min on
-#: resnet_small) only when asked for (``options["warm"]``, ``--joint-warm``).
-JOINT_WARM = ("velcro", "perforation")
+#: The default seeds: all three. SnaPEA costs 14 s on lenet (13 min on resnet_small, VELCRO
+#: and perforation 1-5 min on the zoo) and on lenet its union with VELCRO was the start
+#: that took the joint to 0.625 (0.598 from the VELCRO / perforation seeds and from nothing;
+#: docs/benchmarks.md, Methods).
+JOINT_WARM = WARM_METHODS
 #: With a warm start, also search from nothing and keep the trajectory whose chosen step
 #: saves more MACs on the search images (``options["cold"]``; both chosen steps are within
 #: the same guards). Greedy from different starts ends at different configurations: on lenet
