@@ -47,7 +47,7 @@ def add_arguments(parser):
                              "deadline; default none)")
     parser.add_argument("--joint-warm", default=None, metavar="METHODS",
                         help="joint search: single methods whose configurations warm-start "
-                             "it (comma-separated of velcro,perforation; 'none': from "
+                             "it (comma-separated of snapea,velcro,perforation; 'none': from "
                              "nothing; default methods.run.JOINT_WARM)")
     parser.add_argument("--joint-cold", default=None, choices=("yes", "no"),
                         help="joint search with a warm start: also search from nothing and "

@@ -52,9 +52,9 @@ def add_arguments(parser):
     parser.add_argument("--joint-warm", default=None, metavar="METHODS",
                         help="joint (augmented or train search): single methods whose "
                              "configurations, expressed in the joint ladders, warm-start the "
-                             "search (comma-separated of velcro,perforation; the best within "
-                             "the guards is step 0; 'none': start from nothing; default "
-                             "velcro,perforation)")
+                             "search (comma-separated of snapea,velcro,perforation; the best "
+                             "of each alone and their unions within the guards is step 0; "
+                             "'none': start from nothing; default all three)")
     parser.add_argument("--search", default="augmented", choices=("augmented", "calib"),
                         help="zero_pred, perforation: rank candidates on augmented copies of "
                              "training images with eps * 3 there and back off on the "

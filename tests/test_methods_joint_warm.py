@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from skipconv.sw import data
-from skipconv.sw.methods import joint, perforation, run
+from skipconv.sw.methods import joint, perforation, run, snapea
 from skipconv.sw.methods.common import NetEval
+from skipconv.sw.methods.executor import SerialExecutor
 
 
 def _ev(net, split, n):
@@ -39,6 +40,44 @@ def test_seed_states_take_the_highest_rung_not_more_aggressive(setting):
     L = perforation.apply(ev.layers[1], lad.perf[1][2])
     share = float(perforation.perforated_of(L).mean())
     assert joint.seed_states(lad, perforated=(0.0, share))[1]["perf"] == 2
+
+
+def test_snapea_seed_takes_the_highest_rung_of_at_most_its_tolerance(setting):
+    _, _, lad = setting
+    tols = (0.0, 0.03, 1.0)
+    st = joint.seed_states(lad, et_tol=tols)
+    for i, t in enumerate(tols):
+        k, rt = st[i]["et"], lad.et_tol[i]
+        assert k == 0 or rt[k] <= t                               # never more aggressive
+        assert all(v is None or v > t for v in rt[k + 1:])        # the highest such rung
+        assert all(st[i][m] == 0 for m in ("zp", "velcro", "perf"))
+    assert st[2]["et"] == len(lad.et[2]) - 1                      # 1.0: the top rung
+    # No plan / no rung: rung 0 (off on the signed first layer, exact on the others).
+    for none in (None, (), (None, None, None)):
+        assert all(s["et"] == 0 for s in joint.seed_states(lad, et_tol=none).values())
+    no_tol = joint.Ladders(et=lad.et, zp=lad.zp, velcro=lad.velcro, perf=lad.perf, bv=lad.bv)
+    with pytest.raises(ValueError, match="et_tol"):
+        joint.seed_states(no_tol, et_tol=(0.04,))
+
+
+def test_snapea_levels_name_the_plans_rungs_and_seed_the_start(setting, lenet):
+    ev, val, lad = setting
+    levels = {}
+    plan = snapea.optimize(val, 0.005, tolerances=(0.0, 0.04), levels=levels, progress=False)
+    assert sorted(levels) == list(range(len(val.layers)))
+    for i, t in levels.items():
+        et = plan[i].et if i in plan else None
+        if t is None or (t == 0.0 and not val.layers[i].act_signed):
+            assert et in (None, "exact")
+        else:
+            assert t in (0.0, 0.04) and et == "predictive"
+    # The warm start runs the same SnaPEA search and offers it, alone and with VELCRO, to
+    # choose_start (the order of run.WARM_METHODS).
+    model = lenet[0]
+    _, info = run._warm_start(("velcro", "snapea"), model, val, ev, ev, lad, 0.01, 3.0, 0.5,
+                              SerialExecutor(), False)
+    assert [c["label"] for c in info["checks"]] == ["snapea", "velcro", "snapea+velcro"]
+    assert len(info["snapea_tol"]) == len(val.layers)
 
 
 def test_warm_started_search_never_ends_below_its_seed_and_stays_within(setting):
@@ -82,8 +121,9 @@ def test_warm_option_is_checked_by_name():
     assert run._warm(None) == () and run._warm("none") == () and run._warm("") == ()
     assert run._warm("velcro, perforation") == ("velcro", "perforation")
     assert run._warm(("perforation",)) == ("perforation",)
-    with pytest.raises(ValueError, match="warm = 'snapea'"):
-        run._warm("snapea")
+    assert run._warm("snapea,velcro") == ("snapea", "velcro")
+    with pytest.raises(ValueError, match="warm = 'zero_pred'"):
+        run._warm("zero_pred")
 
 
 def test_warm_options_are_on_the_command_lines(capsys):

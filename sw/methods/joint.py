@@ -79,7 +79,7 @@ def build_ladders(ev: NetEval, *, model=None, first_layer_velcro: bool = False,
         rungs = [r for _, r in labelled]
         et.append(([] if not L.act_signed else [None]) + rungs)
         et_tol.append(([] if not L.act_signed else [None])
-                      + [0.0 if lab == "exact" else float(lab[4:]) for lab, _ in labelled])
+                      + [snapea.rung_tolerance(lab) for lab, _ in labelled])
         ho, wo = L.out_hw
         zp.append([0] + [p for p in zp_windows if p <= max(ho, wo)])
         vl.append([0.0] + (list(velcro_steps) if (i > 0 or first_layer_velcro) else []))
@@ -110,20 +110,29 @@ def compose(layer: Layer, lad: Ladders, i: int, state: dict) -> Layer:
     return L
 
 
-def seed_states(lad: Ladders, *, velcro_T=None, perforated=None) -> dict:
+def seed_states(lad: Ladders, *, velcro_T=None, perforated=None, et_tol=None) -> dict:
     """A single method's configuration expressed in the joint ladders (a warm start).
 
     ``velcro_T``: VELCRO's threshold per layer (:func:`velcro.optimize`'s ``T``);
     ``perforated``: the share of perforated output positions per layer (of a perforation
-    plan, :func:`perforation.perforated_of`). Each layer takes, per method, the highest rung
-    that is not more aggressive: VELCRO ``T`` at most the single method's, a perforation
-    mask with at most as many positions. The rungs hold the joint ladders' own statistics
-    (variance tensors and impacts of the ladders' images), so the seed is the single
-    method's *choice* (how much of which layer), not its exact positions. ``None`` or a
-    layer beyond the list: rung 0.
+    plan, :func:`perforation.perforated_of`); ``et_tol``: SnaPEA's per-kernel tolerance per
+    layer (:func:`snapea.optimize`'s ``levels``; ``None``: no rung). Each layer takes, per
+    method, the highest rung that is not more aggressive: VELCRO ``T`` at most the single
+    method's, a perforation mask with at most as many positions, a SnaPEA rung whose
+    tolerance (``lad.et_tol``) is at most the single method's. The rungs hold the joint
+    ladders' own statistics (variance tensors, impacts and SnaPEA profiles of the ladders'
+    images), so the seed is the single method's *choice* (how much of which layer), not its
+    exact positions or thresholds. ``None`` or a layer beyond the list: rung 0.
     """
     n = len(lad.velcro)
     states = {i: {m: 0 for m in METHODS} for i in range(n)}
+    if any(t is not None for t in et_tol or ()) and lad.et_tol is None:
+        raise ValueError("et_tol: these ladders hold no tolerances of their SnaPEA rungs")
+    for i, t in enumerate(et_tol or ()):
+        if i < n and t is not None and lad.et[i]:
+            # Rung 0 (off, or exact on an unsigned input) when none is within.
+            states[i]["et"] = max([k for k, v in enumerate(lad.et_tol[i])
+                                   if v is not None and v <= t + 1e-9] or [0])
     for i, t in enumerate(velcro_T or ()):
         if i < n and t > 0:
             states[i]["velcro"] = max(k for k, v in enumerate(lad.velcro[i]) if v <= t + 1e-9)

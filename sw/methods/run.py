@@ -20,6 +20,7 @@ task's calibration images, the search on the rest, the report on the task's test
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -59,18 +60,22 @@ VAL_STOP = 1.5
 JOINT_LAZY_K = 4
 JOINT_FULL_EVERY = 10
 #: Share of eps the SnaPEA and VELCRO searches take on the calibration images they search on
-#: (``options["margin"]``; the joint's warm-start VELCRO search takes it too).
+#: (``options["margin"]``; the joint's warm-start SnaPEA and VELCRO searches take it too).
 CALIB_MARGIN = 0.5
 #: Single methods whose configurations warm-start the joint search (``options["warm"]``;
 #: ``"none"``: from nothing): each runs as its own search does here (the same images,
 #: budgets and back-off), is expressed in the joint ladders (``joint.seed_states``), and the
 #: one saving the most MACs on the search images among those within the search guard and the
-#: back-off (the two together as a third seed) is step 0 of the trajectory
-#: (``joint.choose_start``). VELCRO and perforation only: they cost 1-5 min on the zoo;
-#: SnaPEA (13 min on resnet_small) and zero prediction (its records are not the ladders'
-#: diagonal windows) do not seed. On resnet_small the search from nothing ended at 0.491,
-#: VELCRO alone at 0.485 (docs/benchmarks.md, Methods).
-WARM_METHODS = ("velcro", "perforation")
+#: back-off (each method alone and every union of them are seeds) is step 0 of the
+#: trajectory (``joint.choose_start``). SnaPEA's choice is its per-layer tolerance, put on
+#: the joint ladders' SnaPEA rungs of at most that tolerance. Zero prediction does not seed
+#: (its records are not the ladders' diagonal windows). On resnet_small the search from
+#: nothing ended at 0.491, VELCRO alone at 0.485 (docs/benchmarks.md, Methods).
+WARM_METHODS = ("snapea", "velcro", "perforation")
+#: The default seeds: all three. SnaPEA costs 14 s on lenet (13 min on resnet_small, VELCRO
+#: and perforation 1-5 min on the zoo) and on lenet its union with VELCRO was the start
+#: that took the joint to 0.625 (0.598 from the VELCRO / perforation seeds and from nothing;
+#: docs/benchmarks.md, Methods).
 JOINT_WARM = WARM_METHODS
 #: With a warm start, also search from nothing and keep the trajectory whose chosen step
 #: saves more MACs on the search images (``options["cold"]``; both chosen steps are within
@@ -333,19 +338,26 @@ def _velcro_search(ev, budget, executor, progress, *, first_layer=False, step=0.
 def _warm_start(warm, model, ev, ev_aug, ev_r, lad, eps, margin, val_margin, executor,
                 progress):
     """The joint search's warm start: the single methods ``warm`` searched as their own
-    bench runs do (VELCRO on the calibration images within ``eps * CALIB_MARGIN``;
-    perforation ranked on the augmented images ``ev_aug``, backed off on the calibration
-    images ``ev``), expressed in the joint ladders ``lad`` (``joint.seed_states``; with both,
-    their union is a third seed), the best within the joint search's guards on ``ev_r`` and
-    ``ev`` chosen (``joint.choose_start``). Returns ``(states or None, info)``."""
+    bench runs do (SnaPEA and VELCRO on the calibration images within ``eps *
+    CALIB_MARGIN``; perforation ranked on the augmented images ``ev_aug``, backed off on the
+    calibration images ``ev``), expressed in the joint ladders ``lad`` (``joint.seed_states``;
+    each method alone and every union of them are the seeds), the best within the joint
+    search's guards on ``ev_r`` and ``ev`` chosen (``joint.choose_start``). Returns
+    ``(states or None, info)``."""
     if not warm:
         return None, {"methods": [], "chosen": None, "checks": []}
     t0 = time.monotonic()
-    T = shares = None
+    T = shares = tol = None
     info = {"methods": list(warm)}
     if "velcro" in warm:
         _, T, _ = _velcro_search(ev, eps * CALIB_MARGIN, executor, progress)
         info["velcro_T"] = list(T)
+    if "snapea" in warm:
+        levels = {}
+        snapea.optimize(ev, eps * CALIB_MARGIN, executor=executor, progress=progress,
+                        levels=levels)
+        tol = [levels.get(i) for i in range(len(ev.layers))]
+        info["snapea_tol"] = tol
     if "perforation" in warm:
         pplan = perforation.optimize(ev_aug, eps * AUGMENTED_MARGIN, mask="impact", model=model,
                                      executor=executor, progress=progress,
@@ -353,13 +365,16 @@ def _warm_start(warm, model, ev, ev_aug, ev_r, lad, eps, margin, val_margin, exe
         shares = [float(perforation.perforated_of(pplan[i]).mean()) if i in pplan else 0.0
                   for i in range(len(ev.layers))]
         info["perforated"] = shares
+    # Each method alone and every union of them ("snapea+velcro+perforation"), in the order
+    # of WARM_METHODS.
+    parts = {"snapea": {"et_tol": tol}, "velcro": {"velcro_T": T},
+             "perforation": {"perforated": shares}}
+    names = [m for m in WARM_METHODS if m in warm]
     seeds = {}
-    if T is not None:
-        seeds["velcro"] = joint.seed_states(lad, velcro_T=T)
-    if shares is not None:
-        seeds["perforation"] = joint.seed_states(lad, perforated=shares)
-    if T is not None and shares is not None:
-        seeds["velcro+perforation"] = joint.seed_states(lad, velcro_T=T, perforated=shares)
+    for r in range(1, len(names) + 1):
+        for combo in itertools.combinations(names, r):
+            seeds["+".join(combo)] = joint.seed_states(
+                lad, **{k: v for m in combo for k, v in parts[m].items()})
     label, states, checks = joint.choose_start(ev_r, ev, lad, seeds, eps, margin=margin,
                                                val_margin=val_margin)
     info.update(chosen=label, checks=checks, seconds=round(time.monotonic() - t0, 1),

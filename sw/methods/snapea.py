@@ -32,7 +32,7 @@ from .emulate import emulate
 from .executor import Executor, SerialExecutor
 
 __all__ = ["exact", "speculative_taps", "predictive", "profile_layer", "KernelProfile",
-           "layer_rungs", "optimize", "TOLERANCES"]
+           "layer_rungs", "rung_tolerance", "optimize", "TOLERANCES"]
 
 #: Per-kernel tolerance ladder of the local optimization: the largest share of a kernel's
 #: non-zero outputs (on calibration images) that speculation may turn into 0.
@@ -187,17 +187,26 @@ def layer_rungs(layer: Layer, profile: KernelProfile, tolerances=TOLERANCES) -> 
     return rungs
 
 
+def rung_tolerance(label: str) -> float:
+    """The per-kernel tolerance of a :func:`layer_rungs` label (``"exact"``: 0)."""
+    return 0.0 if label == "exact" else float(label[4:])
+
+
 def _eval_task(ev: NetEval, plan: dict):
     r = ev.run(plan)
     return ev.guarded_acc(r), r.nll, r.saved
 
 
 def optimize(ev: NetEval, eps: float, *, layers=None, executor: Executor | None = None,
-             tolerances=TOLERANCES, progress: bool = True) -> dict:
+             tolerances=TOLERANCES, levels: dict | None = None,
+             progress: bool = True) -> dict:
     """SnaPEA's profiling + local + global optimization on ``ev``; returns the plan.
 
     ``eps`` is the allowed top-1 drop (fraction, e.g. 0.01) on ``ev``'s images. Layers with a
     signed input get only predictive rungs; every other layer is at least exact.
+    ``levels`` (a dict, filled in): per searched layer, the tolerance of its chosen rung
+    (``None``: no rung, i.e. the exact floor or, on a signed input, nothing), so that the
+    choice can be put on rungs profiled elsewhere (the joint warm start).
     """
     from tqdm import tqdm
 
@@ -223,9 +232,9 @@ def optimize(ev: NetEval, eps: float, *, layers=None, executor: Executor | None 
     for i, rs in rungs.items():
         ok = [k for k, r in enumerate(rs) if base.acc - r[2] <= eps]
         level[i] = max(ok) if ok else None
-    plan = dict(floor_plan)
+    plan, used = dict(floor_plan), {i: None for i in level}
     for _ in range(sum(len(r) for r in rungs.values()) + 1):
-        plan = dict(floor_plan)
+        plan, used = dict(floor_plan), dict(level)      # used: the levels of this plan
         plan.update({i: rungs[i][k][1] for i, k in level.items() if k is not None})
         r = ev.run(plan)
         if base.acc - ev.guarded_acc(r) <= eps:
@@ -246,4 +255,7 @@ def optimize(ev: NetEval, eps: float, *, layers=None, executor: Executor | None 
         k = level[worst] - 1
         level[worst] = k if k >= 0 else None
     validate_plan(plan, ev.layers, ev.g)
+    if levels is not None:
+        levels.update({i: None if k is None else rung_tolerance(rungs[i][k][0])
+                       for i, k in used.items()})
     return plan
