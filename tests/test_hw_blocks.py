@@ -212,9 +212,8 @@ def _gather_run(n, fan, *, seed, words, p_valid, p_ready):
                 ctx.set(dut.i[lane].valid, offered[lane])
                 ctx.set(dut.i[lane].payload, queues[lane][0] if offered[lane] else 0)
             ctx.set(dut.o.ready, rng.random() < p_ready)
-            _, _, o_valid, o_ready, o_word, busy, *taken = await ctx.tick().sample(
-                dut.o.valid, dut.o.ready, dut.o.payload, dut.busy,
-                *[dut.i[lane].ready for lane in range(n)])
+            _, _, o_valid, o_ready, o_word, *taken = await ctx.tick().sample(
+                dut.o.valid, dut.o.ready, dut.o.payload, *[dut.i[lane].ready for lane in range(n)])
             if o_valid and o_ready:
                 got[o_word.lane].append(o_word.data)
                 last[0] = cycle

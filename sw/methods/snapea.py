@@ -232,7 +232,7 @@ def optimize(ev: NetEval, eps: float, *, layers=None, executor: Executor | None 
     for i, rs in rungs.items():
         ok = [k for k, r in enumerate(rs) if base.acc - r[2] <= eps]
         level[i] = max(ok) if ok else None
-    plan, used = dict(floor_plan), {i: None for i in level}
+    plan = dict(floor_plan)
     for _ in range(sum(len(r) for r in rungs.values()) + 1):
         plan, used = dict(floor_plan), dict(level)      # used: the levels of this plan
         plan.update({i: rungs[i][k][1] for i, k in level.items() if k is not None})
