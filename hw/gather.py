@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from amaranth import Cat, Module, Signal
+from amaranth import Cat, Module
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
@@ -31,44 +31,14 @@ def _merge(m, name, inputs, out, lane_of):
             m.d.comb += [out.payload.data.eq(data_), out.payload.lane.eq(lane)]
 
 
-def _merge_held(m, name, inputs, out, lane_of):
-    """As :func:`_merge`, but the choice is a register: picked a cycle ahead from the
-    requests, rotating past the input being served, and held while ``out`` stalls with a
-    word. An input's ``ready`` then depends on registers only (the choice and, in a group,
-    the skid buffer's ``ready``), so no path goes from an input's ``valid`` through the
-    arbiter and back to that input in one cycle. Switching away from an input that ran dry
-    costs one idle cycle; a busy set of inputs still moves one word per cycle."""
-    n = len(inputs)
-    m.submodules[name] = rr = RoundRobin(n)
-    chosen = Signal(n, name=f"{name}_chosen")
-    index = Signal(range(max(2, n)), name=f"{name}_index")
-    free = Signal(name=f"{name}_free")
-    m.d.comb += [rr.req[k].eq(s.valid) for k, s in enumerate(inputs)]
-    m.d.comb += [
-        out.valid.eq((chosen & Cat(*[s.valid for s in inputs])).any()),
-        free.eq(out.ready | ~out.valid),
-        rr.advance.eq(free),
-    ]
-    with m.If(free):
-        m.d.sync += [chosen.eq(rr.grant), index.eq(rr.index)]
-    for k, s in enumerate(inputs):
-        m.d.comb += s.ready.eq(chosen[k] & out.ready)
-        with m.If(index == k):
-            data_, lane = lane_of(k, s.payload)
-            m.d.comb += [out.payload.data.eq(data_), out.payload.lane.eq(lane)]
-
-
 class Gather(wiring.Component):
     """Merge ``n`` streams into one, each word tagged with its stream's index.
 
-    Up to ``fan`` streams share one round-robin. More are split into groups of ``fan``, each
-    group's word registered (a skid buffer, so that neither the grant nor the payload crosses
-    two arbiters in one cycle), and the groups merged by another round-robin. Eight lanes in
-    one arbiter were the critical path of the ECP5 build: the grant over eight requests and
-    the eight-way payload multiplexer in series. The round-robins that face the streams hold
-    their choice in a register (:func:`_merge_held`): the streams sit across the device, and
-    a grant computed from their ``valid`` and sent back to their registers in the same cycle
-    crossed it twice (the next critical path).
+    Up to ``fan`` streams share one combinational round-robin. More are split into groups of
+    ``fan``, each group's choice registered (a skid buffer, so that neither the grant nor the
+    payload crosses two arbiters in one cycle), and the groups merged by another round-robin.
+    Eight lanes in one arbiter were the critical path of the ECP5 build: the grant over eight
+    requests and the eight-way payload multiplexer in series.
 
     Members
     -------
@@ -91,7 +61,7 @@ class Gather(wiring.Component):
         m = Module()
         n, fan = self._n, self._fan
         if n <= fan:
-            (_merge_held if n > 1 else _merge)(m, "rr", list(self.i), self.o, lambda k, p: (p, k))
+            _merge(m, "rr", list(self.i), self.o, lambda k, p: (p, k))
             m.d.comb += self.busy.eq(0)
             return m
         starts = range(0, n, fan)
@@ -99,7 +69,7 @@ class Gather(wiring.Component):
         for g, lo in enumerate(starts):
             lanes = range(lo, min(lo + fan, n))
             m.submodules[f"group{g}"] = reg = SkidBuffer(gathered_layout(self._shape, len(lanes)))
-            _merge_held(m, f"rr{g}", [self.i[k] for k in lanes], reg.i, lambda k, p: (p, k))
+            _merge(m, f"rr{g}", [self.i[k] for k in lanes], reg.i, lambda k, p: (p, k))
             held.append(reg.o)
         # a group's word: its lane is the group's first lane plus its index within the group
         _merge(m, "rr_top", held, self.o, lambda g, p: (p.data, starts[g] + p.lane))
