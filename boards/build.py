@@ -12,6 +12,7 @@ A design that does not fit, or whose Fmax misses the clock it was built for, rai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -167,6 +168,11 @@ def _tail(path: Path, n: int = 30) -> str:
 
 
 ROUTERS = ("router1", "router2")
+#: HeAP placer weights for ECP5: timing weighted 10x nextpnr's default and the criticality
+#: exponent doubled. At lanes 8 the critical paths were almost all wire (2 ns of logic in
+#: 17); these options took one netlist from 58.8 to 65.9 MHz routed, same seed
+#: (docs/benchmarks.md, Boards, eleventh round).
+ECP5_PLACER_OPTS = " --placer-heap-timingweight 100 --placer-heap-critexp 4"
 
 
 def tool_options(board: str, clock_mhz: float, seed: int = 1, pack_only: bool = False,
@@ -186,6 +192,8 @@ def tool_options(board: str, clock_mhz: float, seed: int = 1, pack_only: bool = 
     out = {"nextpnr_opts": f"--report {name}.report.json --seed {int(seed)} "
                            "--timing-allow-fail" + (" --pack-only" if pack_only else "")
                            + (f" --router {router}" if router != "router1" else "")}
+    if spec.family == "ecp5" and not pack_only:
+        out["nextpnr_opts"] += ECP5_PLACER_OPTS
     if spec.family == "ice40":
         out["synth_opts"] = "-dsp"
     if map_at_clock:
@@ -314,7 +322,7 @@ def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, lo
                  router: str = "router1") -> dict:
     """Build (or reuse) one design without the timing check; return its report.
 
-    Cached under ``cache_dir('boards', 'builds')`` by board, config, clock, seed and the
+    Cached under ``cache_dir('boards', 'builds')`` by board, config, clock, seed, tool options and the
     gateware sources; a design that does not fit returns its failed report.
     """
     import json
@@ -323,9 +331,12 @@ def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, lo
     from ..sw.paths import cache_dir
     from .simbuild import _locked, _sources_hash
 
+    # the tool options are part of the key: a build made with other placer weights is not this one
+    opts = tool_options(board, mhz, seed, pack_only, map_at_clock, router)
+    opts_hash = hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:6]
     key = (f"{board}-{config.key}-{mhz:g}-s{seed}{'-pack' if pack_only else ''}"
            f"{'-atclock' if map_at_clock else ''}"
-           f"{'' if router == 'router1' else '-' + router}-{_sources_hash()}")
+           f"{'' if router == 'router1' else '-' + router}-{opts_hash}-{_sources_hash()}")
     folder = cache_dir("boards", "builds", key)
     report_path = folder / "report.json"
     with _locked(folder.parent / f"{key}.lock"):
