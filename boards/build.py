@@ -322,12 +322,9 @@ def cached_build(board: str, config: EngineConfig, mhz: float, seed: int = 1, lo
                  router: str = "router1") -> dict:
     """Build (or reuse) one design without the timing check; return its report.
 
-    Cached under ``cache_dir('boards', 'builds')`` by board, config, clock, seed, tool options and the
-    gateware sources; a design that does not fit returns its failed report.
+    Cached under ``cache_dir('boards', 'builds')`` by board, config, clock, seed, tool
+    options and the gateware sources; a design that does not fit returns its failed report.
     """
-    import json
-    import shutil
-
     from ..sw.paths import cache_dir
     from .simbuild import _locked, _sources_hash
 
