@@ -67,6 +67,10 @@ def _summary(reports):
     out = {"status": "ok", "fmax_mhz": min(fmax), "fmax_mhz_seeds": fmax,
            "fmax_mhz_max": max(fmax), "seeds": [x["seed"] for x in ok], **_resources(r),
            "build_s": r.get("seconds")}
+    failed = {str(x["seed"]): x.get("error") for x in reports if x.get("status") != "ok"}
+    if failed:
+        # e.g. router2 diverged on that seed's placement: Fmax is over the seeds that routed
+        out["seeds_failed"] = failed
     if r.get("critical_path"):
         out["critical_path"] = {k: r["critical_path"][k] for k in ("from", "to")}
     return out

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -175,6 +176,63 @@ ROUTERS = ("router1", "router2")
 ECP5_PLACER_OPTS = " --placer-heap-timingweight 100 --placer-heap-critexp 4"
 
 
+#: router2 sometimes diverges: its overused-wire count climbs for hours instead of reaching 0.
+#: Converging lanes-8 runs never rose more than 26 above their best so far; diverging ones
+#: went from about 1,000 to 3,000-6,000 within 20 iterations (docs/benchmarks.md, Boards).
+#: A route whose overuse reaches this factor times its best, and this many wires above it,
+#: is stopped and reported as diverged.
+ROUTER2_DIVERGENCE_FACTOR = 2
+ROUTER2_DIVERGENCE_WIRES = 1000
+#: How often (seconds) a running build's nextpnr log is read for router2 divergence.
+_WATCH_PERIOD_S = 5.0
+
+
+def router2_divergence(log_text: str) -> str | None:
+    """Why the router2 iterations in a nextpnr log are diverging, or None if they are not."""
+    best = None
+    for m in re.finditer(r"iter=(\d+) wires=\d+ overused=\d+ overuse=(\d+)", log_text):
+        it, overuse = int(m.group(1)), int(m.group(2))
+        if (best is not None and overuse >= ROUTER2_DIVERGENCE_FACTOR * best
+                and overuse - best >= ROUTER2_DIVERGENCE_WIRES):
+            return (f"router2 diverged: {overuse} overused wires at iteration {it}, "
+                    f"{best} at best before")
+        best = overuse if best is None else min(best, overuse)
+    return None
+
+
+def _run_build_script(out: Path, name: str, logfile: Path) -> tuple[int, str | None]:
+    """Run Amaranth's build script in ``out``, output to ``logfile``; stop it if router2 diverges.
+
+    Returns the script's exit code and, when it was stopped, why.
+    """
+    nextpnr_log = out / f"{name}.tim"
+    nextpnr_log.unlink(missing_ok=True)     # an earlier build's log must not be watched
+    with open(logfile, "wb") as f:
+        # its own process group: stopping it stops yosys/nextpnr too
+        proc = subprocess.Popen(["sh", f"build_{name}.sh"], cwd=out, env=toolchain_env(),
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while True:
+                try:
+                    return proc.wait(timeout=_WATCH_PERIOD_S), None
+                except subprocess.TimeoutExpired:
+                    pass
+                try:
+                    text = nextpnr_log.read_text(errors="replace")
+                except OSError:
+                    continue
+                reason = router2_divergence(text)
+                if reason:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    return proc.wait(), reason
+        except BaseException:
+            # interrupted (Ctrl-C): leave no nextpnr running behind us
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait()
+            raise
+
+
 def tool_options(board: str, clock_mhz: float, seed: int = 1, pack_only: bool = False,
                  map_at_clock: bool = False, router: str = "router1") -> dict:
     """The yosys and nextpnr options of a build (Amaranth build-plan overrides).
@@ -234,14 +292,17 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
     logfile = out / "build.log"
     if log:
         log(f"running yosys + nextpnr ({spec.family}) in {out}; log {logfile}")
-    with open(logfile, "wb") as f:
-        proc = subprocess.run(["sh", f"build_{name}.sh"], cwd=out, env=toolchain_env(),
-                              stdout=f, stderr=subprocess.STDOUT)
+    returncode, diverged = _run_build_script(out, name, logfile)
     seconds = round(time.monotonic() - t0, 1)
     report = {"board": board, "device": f"{platform.device}-{platform.package}",
               "config": config.to_dict(), "config_key": config.key,
               "clock_mhz": clock_mhz, "baud": baud, "seed": seed, "seconds": seconds,
               "pack_only": pack_only, "map_at_clock": map_at_clock, "router": router}
+    if diverged:
+        report.update(status="failed", error=diverged)
+        atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+        raise BuildError(f"{board}: {diverged}; stopped after {seconds:g} s; log "
+                         f"{out / (name + '.tim')}")
     rep_json = out / f"{name}.report.json"
     if rep_json.exists():
         report.update(parse_report(spec, rep_json, out / f"{name}.rpt"))
@@ -271,7 +332,7 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
         if fails:
             raise BuildError(f"{board}: {report['error']}; report {out / 'report.json'}")
         return report
-    if proc.returncode != 0:
+    if returncode != 0:
         text = _tail(logfile)
         if "Unable to place" in text or "not enough" in text.lower() or "exceeds" in text:
             over = [f"{k} {report[k]['used']}/{report[k]['available']}"
@@ -279,7 +340,7 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
                     if k in report and report[k]["used"] > report[k]["available"]]
             fails.append("does not fit the device" + (f" ({', '.join(over)})" if over else ""))
         report["status"] = "failed"
-        report["error"] = "; ".join(fails) or f"toolchain exit code {proc.returncode}"
+        report["error"] = "; ".join(fails) or f"toolchain exit code {returncode}"
         atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
         raise BuildError(f"{board} build failed ({report['error']}); log {logfile}:\n{text}")
     fmax = engine_fmax(report)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from skipconv.boards.build import (BOARDS, BuildError, build_board, cached_build, parse_report,
-                                   tool_options)
+from skipconv.boards.build import (BOARDS, BuildError, _run_build_script, build_board,
+                                   cached_build, parse_report, router2_divergence, tool_options)
 from skipconv.boards.pll import PLLError, ecp5_pll, ice40_pll
 from skipconv.sw.config import EngineConfig
 
@@ -49,6 +49,34 @@ def test_router_option():
     assert "--router router2" in tool_options("ulx3s", 80.0, router="router2")["nextpnr_opts"]
     with pytest.raises(BuildError, match="router 'router3': choose one of router1, router2"):
         tool_options("ulx3s", 80.0, router="router3")
+
+
+def _router2_log(overuse):
+    return "".join(f"Info:     iter={i} wires={400000 + i} overused={o} overuse={o} archfail=NA\n"
+                   for i, o in enumerate(overuse, start=1))
+
+
+def test_router2_divergence():
+    # converging runs bump up by a few wires (the worst seen: 26 over the best so far)
+    assert router2_divergence(_router2_log([3295, 1363, 467, 222, 200, 226, 18, 20, 7, 0])) is None
+    assert router2_divergence(_router2_log([40, 2, 7, 1])) is None     # x3.5 but 5 wires
+    # a diverging one (seed 2 of the tenth round: 1,024 at best, then climbing)
+    why = router2_divergence(_router2_log([3295, 1366, 1026, 1143, 2100, 6244]))
+    assert why == "router2 diverged: 2100 overused wires at iteration 5, 1026 at best before"
+
+
+def test_build_script_stopped_when_router2_diverges(tmp_path, monkeypatch):
+    """The watchdog reads the nextpnr log while the build runs and stops the whole script.
+
+    The script stands in for nextpnr's log output only: it writes router2's lines, then
+    would sleep for a minute."""
+    lines = _router2_log([3000, 1000, 900, 2500]).replace("\n", "\\n")
+    (tmp_path / "build_top.sh").write_text(f"printf '{lines}' > top.tim\nsleep 60\n"
+                                           "echo finished > done.txt\n")
+    monkeypatch.setattr("skipconv.boards.build._WATCH_PERIOD_S", 0.2)
+    code, why = _run_build_script(tmp_path, "top", tmp_path / "build.log")
+    assert why == "router2 diverged: 2500 overused wires at iteration 4, 900 at best before"
+    assert code != 0 and not (tmp_path / "done.txt").exists()
 
 
 def test_parse_report_counts_and_fmax(tmp_path):
