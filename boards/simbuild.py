@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -60,6 +61,9 @@ GATEWARE_MODULES = ("uart.py", "framer.py", "core.py", "alveo.py", "pll.py", "ul
                     "icebreaker.py", "build.py")
 
 
+# once per process: a build keyed by sources edited after this process imported them would be
+# cached under the wrong key
+@functools.cache
 def _sources_hash() -> str:
     """Hash of what the generated designs depend on: hw/*.py, our gateware, Amaranth."""
     import amaranth

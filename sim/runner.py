@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -117,6 +118,9 @@ def _locked(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+# once per process: a build keyed by sources edited after this process imported them would be
+# cached under the wrong key
+@functools.cache
 def _sources_hash() -> str:
     """Hash of everything the Verilog depends on besides the config: hw/*.py and Amaranth."""
     import amaranth
