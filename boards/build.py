@@ -301,8 +301,8 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
     if diverged:
         report.update(status="failed", error=diverged)
         atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-        raise BuildError(f"{board}: {diverged}; stopped after {seconds:g} s; log "
-                         f"{out / (name + '.tim')}")
+        raise BuildError(f"{board}: {diverged}; stopped after {seconds:g} s (another seed "
+                         f"places differently); log {out / (name + '.tim')}")
     rep_json = out / f"{name}.report.json"
     if rep_json.exists():
         report.update(parse_report(spec, rep_json, out / f"{name}.rpt"))
