@@ -233,6 +233,10 @@ def _run_build_script(out: Path, name: str, logfile: Path) -> tuple[int, str | N
             raise
 
 
+def _write_report(out: Path, report: dict) -> None:
+    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+
+
 def tool_options(board: str, clock_mhz: float, seed: int = 1, pack_only: bool = False,
                  map_at_clock: bool = False, router: str = "router1") -> dict:
     """The yosys and nextpnr options of a build (Amaranth build-plan overrides).
@@ -300,7 +304,7 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
               "pack_only": pack_only, "map_at_clock": map_at_clock, "router": router}
     if diverged:
         report.update(status="failed", error=diverged)
-        atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+        _write_report(out, report)
         raise BuildError(f"{board}: {diverged}; stopped after {seconds:g} s (another seed "
                          f"places differently); log {out / (name + '.tim')}")
     rep_json = out / f"{name}.report.json"
@@ -328,7 +332,7 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
         report["status"] = "failed" if fails else "packed"
         if fails:
             report["error"] = "; ".join(fails)
-        atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+        _write_report(out, report)
         if fails:
             raise BuildError(f"{board}: {report['error']}; report {out / 'report.json'}")
         return report
@@ -341,7 +345,7 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
             fails.append("does not fit the device" + (f" ({', '.join(over)})" if over else ""))
         report["status"] = "failed"
         report["error"] = "; ".join(fails) or f"toolchain exit code {returncode}"
-        atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+        _write_report(out, report)
         raise BuildError(f"{board} build failed ({report['error']}); log {logfile}:\n{text}")
     fmax = engine_fmax(report)
     if check_timing and fmax is not None and fmax < clock_mhz:
@@ -351,7 +355,7 @@ def build_board(board: str, config: EngineConfig, out_dir, *, clock_mhz: float |
     report["status"] = "failed" if fails else "ok"
     if fails:
         report["error"] = "; ".join(fails)
-    atomic_write_bytes(out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+    _write_report(out, report)
     if fails:
         raise BuildError(f"{board}: {report['error']} (LUTs {report['luts']['used']}/"
                          f"{report['luts']['available']}, DSPs {report['dsps']['used']}/"
