@@ -158,3 +158,16 @@ def test_no_collision_memory_is_block_ram_alone(tmp_path, checked):
     assert cells.get("DP16KD") == 1
     logic = cells.get("LUT4", 0) + cells.get("TRELLIS_FF", 0)
     assert (logic > 0) if checked else (logic == 0), cells
+
+
+def test_bench_summary_lists_failed_seeds():
+    """Fmax is over the seeds that routed; the others are named with their error."""
+    from skipconv.boards.bench_boards import _summary
+    res = {"used": 1, "available": 2}
+    ok = [{"status": "ok", "seed": s, "fmax": {"clk": {"achieved_mhz": f}}, "luts": res,
+           "ffs": res, "dsps": res, "brams": res} for s, f in ((2, 62.0), (3, 64.5))]
+    failed = {"status": "failed", "seed": 1, "error": "router2 diverged: 1301 overused wires"}
+    out = _summary([failed] + ok)
+    assert out["status"] == "ok" and out["fmax_mhz"] == 62.0 and out["seeds"] == [2, 3]
+    assert out["seeds_failed"] == {"1": "router2 diverged: 1301 overused wires"}
+    assert "seeds_failed" not in _summary(ok)
