@@ -53,6 +53,10 @@ def add_arguments(parser):
                         help="joint search with a warm start: also search from nothing and "
                              "keep the better chosen step on the search images (default "
                              "methods.run.JOINT_COLD: yes)")
+    parser.add_argument("--joint-step-downs", type=int, default=None, metavar="N",
+                        help="joint search: a warm-start seed past the guards is tried again "
+                             "up to N times, one rung milder on every ladder each time "
+                             "(default methods.run.JOINT_STEP_DOWNS; 0: dropped at once)")
     parser.add_argument("--retrain-epochs", type=int, default=None, metavar="N",
                         help=f"{RETRAIN}, {JOINT_RETRAIN} (--methods names): epochs of "
                              "retraining with the skips in the forward pass (default "
@@ -94,7 +98,8 @@ def run(args) -> dict:
                     opts = {k: v for k, v in (("lazy_k", args.joint_lazy),
                                               ("max_seconds", args.joint_max_seconds),
                                               ("warm", args.joint_warm),
-                                              ("cold", args.joint_cold))
+                                              ("cold", args.joint_cold),
+                                              ("step_downs", args.joint_step_downs))
                             if v is not None}
                     if method == JOINT_RETRAIN:
                         from .methods.finetune import RETRAIN_EPOCHS

@@ -106,6 +106,39 @@ def test_warm_started_search_never_ends_below_its_seed_and_stays_within(setting)
         assert not (st["zp"] and st["perf"])
 
 
+def test_step_down_and_merge_work_rung_by_rung():
+    st = {0: {"et": 2, "velcro": 0}, 1: {"et": 0, "velcro": 5}}
+    assert joint.step_down(st, 2) == {0: {"et": 0, "velcro": 0}, 1: {"et": 0, "velcro": 3}}
+    assert joint.step_down(st, 0) == st
+    assert joint.step_down(joint.step_down(st, 5)) is None        # nothing left to lower
+    assert joint.merge_states(st, {1: {"perf": 1}, 2: {"et": 1}}) == {
+        0: {"et": 2, "velcro": 0}, 1: {"et": 0, "velcro": 5, "perf": 1}, 2: {"et": 1}}
+
+
+def test_a_seed_past_the_guards_is_stepped_down_until_within(setting):
+    ev, val, lad = setting
+    eps, margin, val_margin = 0.01, 3.0, 0.5
+    far = joint.seed_states(lad, velcro_T=(0.4, 0.4, 0.4), perforated=(0.45, 0.45, 0.45))
+    _, _, [dropped] = joint.choose_start(ev, val, lad, {"far": far}, eps, margin=margin,
+                                         val_margin=val_margin)
+    assert not dropped["within"] and dropped["rungs_down"] == 0
+    label, start, [rec] = joint.choose_start(ev, val, lad, {"far": far}, eps, margin=margin,
+                                             val_margin=val_margin, step_downs=8)
+    k = rec["rungs_down"]
+    assert rec["within"] and k >= 1 and label == rec["label"] == f"far[-{k}]"
+    assert rec["seed"] == "far"
+    assert start == joint.step_down(joint._checked_states(lad, far, len(ev.layers)), k)
+    assert any(v for st in start.values() for v in st.values())    # something is left
+    # The first milder version within: one rung less mild is not.
+    _, _, [prev] = joint.choose_start(ev, val, lad, {"p": joint.step_down(far, k - 1)}, eps,
+                                      margin=margin, val_margin=val_margin)
+    assert not prev["within"]
+    # The stepped-down start is one optimize accepts (within both guards).
+    res = joint.optimize(ev, eps, ladders=lad, margin=margin, nll_cap=None, max_rounds=0,
+                         val=val, val_margin=val_margin, start=start, progress=False)
+    assert res.history[0][0] == "start"
+
+
 def test_a_start_outside_the_guards_is_refused(setting):
     ev, val, lad = setting
     far = joint.seed_states(lad, velcro_T=(0.4, 0.4, 0.4), perforated=(0.45, 0.45, 0.45))

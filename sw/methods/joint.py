@@ -34,7 +34,7 @@ from .common import HeldOut, NetEval, golden_eval, validate_plan
 from .executor import Executor, SerialExecutor
 
 __all__ = ["Ladders", "build_ladders", "compose", "optimize", "lazy_moves", "check",
-           "JointResult", "seed_states", "choose_start"]
+           "JointResult", "seed_states", "choose_start", "step_down", "merge_states"]
 
 ZP_WINDOWS = (2, 3, 4)
 VELCRO_STEPS = tuple(round(0.05 * k, 2) for k in range(1, 19))
@@ -160,33 +160,70 @@ def _checked_states(lad: Ladders, states: dict, n: int) -> dict:
     return out
 
 
+def step_down(states: dict, k: int = 1) -> dict | None:
+    """``states`` ``k`` rungs milder: every ladder above rung 0 lowered by ``k`` (not below
+    0); ``None`` when ``k`` > 0 and every ladder is already at rung 0 (nothing to lower)."""
+    if k and not any(v for st in states.values() for v in st.values()):
+        return None
+    return {i: {m: max(v - k, 0) for m, v in st.items()} for i, st in states.items()}
+
+
+def stepped_label(label: str, k: int) -> str:
+    """The name of seed ``label`` stepped down ``k`` rungs: ``velcro[-2]``."""
+    return f"{label}[-{k}]" if k else label
+
+
+def merge_states(*parts: dict) -> dict:
+    """The union of configurations: per layer and method the highest rung of ``parts``."""
+    out = {}
+    for st in parts:
+        for i, ms in st.items():
+            row = out.setdefault(i, {})
+            for m, v in ms.items():
+                row[m] = max(row.get(m, 0), v)
+    return out
+
+
 def choose_start(ev: NetEval, val: NetEval, lad: Ladders, seeds: dict, eps: float, *,
-                 margin: float, val_margin: float) -> tuple:
+                 margin: float, val_margin: float, step_downs: int = 0) -> tuple:
     """The warm start among ``seeds`` (``{label: states}``): the one that saves the most MACs
     on ``ev`` (the search images) among those whose guarded top-1 drop is within
     ``eps * margin`` there and within ``eps * val_margin`` on ``val`` (the back-off's held-out
     images), i.e. those :func:`optimize` would have accepted as a step it may return.
 
-    Returns ``(label, states, checks)``: ``(None, None, checks)`` when no seed is within;
-    ``checks`` holds per seed ``label``, ``search_drop``, ``search_mac_reduction``,
-    ``val_drop`` (``None``: not checked, the search guard failed), ``val_mac_reduction``
-    and ``within``.
+    A seed past either guard is tried again up to ``step_downs`` times, one rung milder on
+    every ladder each time (:func:`step_down`), and stands for its first milder version that
+    is within (the guards are not loosened: the seed is).
+
+    Returns ``(label, states, checks)``: ``(None, None, checks)`` when no seed is within.
+    ``checks`` holds per seed the last version checked: ``label`` (:func:`stepped_label`),
+    ``seed`` (the label in ``seeds``), ``rungs_down``, ``search_drop``,
+    ``search_mac_reduction``, ``val_drop`` (``None``: not checked, the search guard
+    failed), ``val_mac_reduction`` and ``within`` of that version.
     """
     best, checks = None, []
-    for label, st in seeds.items():
-        st = _checked_states(lad, st, len(ev.layers))
-        r = ev.run(_plan(ev, lad, st))
-        sdrop = ev.base.acc - ev.guarded_acc(r)
-        rec = {"label": label, "search_drop": sdrop, "search_mac_reduction": r.mac_reduction,
-               "val_drop": None, "val_mac_reduction": None, "within": False}
-        if sdrop <= eps * margin + 1e-12:
-            rv = val.run(_plan(val, lad, st))
-            rec["val_drop"] = val.base.acc - val.guarded_acc(rv)
-            rec["val_mac_reduction"] = rv.mac_reduction
-            rec["within"] = bool(rec["val_drop"] <= eps * val_margin + 1e-12)
+    for label, st0 in seeds.items():
+        st0 = _checked_states(lad, st0, len(ev.layers))
+        for k in range(step_downs + 1):
+            st = step_down(st0, k)
+            if st is None:
+                break
+            r = ev.run(_plan(ev, lad, st))
+            sdrop = ev.base.acc - ev.guarded_acc(r)
+            rec = {"label": stepped_label(label, k), "seed": label, "rungs_down": k,
+                   "search_drop": sdrop,
+                   "search_mac_reduction": r.mac_reduction, "val_drop": None,
+                   "val_mac_reduction": None, "within": False}
+            if sdrop <= eps * margin + 1e-12:
+                rv = val.run(_plan(val, lad, st))
+                rec["val_drop"] = val.base.acc - val.guarded_acc(rv)
+                rec["val_mac_reduction"] = rv.mac_reduction
+                rec["within"] = bool(rec["val_drop"] <= eps * val_margin + 1e-12)
+            if rec["within"]:
+                break
         checks.append(rec)
         if rec["within"] and (best is None or r.saved > best[0]):
-            best = (r.saved, label, st)
+            best = (r.saved, rec["label"], st)
     if best is None:
         return None, None, checks
     return best[1], best[2], checks

@@ -77,6 +77,12 @@ WARM_METHODS = ("snapea", "velcro", "perforation")
 #: that took the joint to 0.625 (0.598 from the VELCRO / perforation seeds and from nothing;
 #: docs/benchmarks.md, Methods).
 JOINT_WARM = WARM_METHODS
+#: A seed past the guards is tried again up to this many times, one rung milder on every
+#: ladder each time (``options["step_downs"]``; ``joint.choose_start``): on resnet_small the
+#: VELCRO seed saved the most (0.443 on the search images) but was 0.8 points off on the
+#: calibration images, past the back-off's 0.5, so it and every union with it were dropped
+#: and the search started from SnaPEA's 0.311.
+JOINT_STEP_DOWNS = 4
 #: With a warm start, also search from nothing and keep the trajectory whose chosen step
 #: saves more MACs on the search images (``options["cold"]``; both chosen steps are within
 #: the same guards). Greedy from different starts ends at different configurations: on lenet
@@ -237,8 +243,9 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
                 "full_every": int(options.get("full_every", JOINT_FULL_EVERY)),
                 "max_seconds": _seconds(options.get("max_seconds"))}
         warm = _warm(options.get("warm", JOINT_WARM))
+        step_downs = _count(options.get("step_downs", JOINT_STEP_DOWNS), "step_downs")
         start, info["warm"] = _warm_start(warm, model, ev, ev_aug, ev_r, lad, eps, margin,
-                                          val_margin, executor, progress)
+                                          val_margin, executor, progress, step_downs)
         def search(start):
             return joint.optimize(ev_r, eps, model=model, executor=executor, progress=progress,
                                   ladders=lad, margin=margin, nll_cap=None,
@@ -336,13 +343,14 @@ def _velcro_search(ev, budget, executor, progress, *, first_layer=False, step=0.
 
 
 def _warm_start(warm, model, ev, ev_aug, ev_r, lad, eps, margin, val_margin, executor,
-                progress):
+                progress, step_downs=0):
     """The joint search's warm start: the single methods ``warm`` searched as their own
     bench runs do (SnaPEA and VELCRO on the calibration images within ``eps *
     CALIB_MARGIN``; perforation ranked on the augmented images ``ev_aug``, backed off on the
     calibration images ``ev``), expressed in the joint ladders ``lad`` (``joint.seed_states``;
-    each method alone and every union of them are the seeds), the best within the joint
-    search's guards on ``ev_r`` and ``ev`` chosen (``joint.choose_start``). Returns
+    each method alone, stepped down up to ``step_downs`` rungs until within the joint
+    search's guards on ``ev_r`` and ``ev``, then every union of those within, stepped down in
+    turn), the one saving the most chosen (``joint.choose_start``). Returns
     ``(states or None, info)``."""
     if not warm:
         return None, {"methods": [], "chosen": None, "checks": []}
@@ -365,18 +373,23 @@ def _warm_start(warm, model, ev, ev_aug, ev_r, lad, eps, margin, val_margin, exe
         shares = [float(perforation.perforated_of(pplan[i]).mean()) if i in pplan else 0.0
                   for i in range(len(ev.layers))]
         info["perforated"] = shares
-    # Each method alone and every union of them ("snapea+velcro+perforation"), in the order
-    # of WARM_METHODS.
+    # Each method alone (in the order of WARM_METHODS), stepped down until within the guards,
+    # then every union of those that are ("snapea+velcro[-2]"), stepped down in turn.
     parts = {"snapea": {"et_tol": tol}, "velcro": {"velcro_T": T},
              "perforation": {"perforated": shares}}
-    names = [m for m in WARM_METHODS if m in warm]
-    seeds = {}
-    for r in range(1, len(names) + 1):
-        for combo in itertools.combinations(names, r):
-            seeds["+".join(combo)] = joint.seed_states(
-                lad, **{k: v for m in combo for k, v in parts[m].items()})
-    label, states, checks = joint.choose_start(ev_r, ev, lad, seeds, eps, margin=margin,
-                                               val_margin=val_margin)
+    singles = {m: joint.seed_states(lad, **parts[m]) for m in WARM_METHODS if m in warm}
+    guards = {"margin": margin, "val_margin": val_margin, "step_downs": step_downs}
+    label, states, checks = joint.choose_start(ev_r, ev, lad, singles, eps, **guards)
+    kept = {c["label"]: joint.step_down(singles[c["seed"]], c["rungs_down"])
+            for c in checks if c["within"]}
+    unions = {"+".join(combo): joint.merge_states(*(kept[m] for m in combo))
+              for r in range(2, len(kept) + 1) for combo in itertools.combinations(kept, r)}
+    if unions:
+        u_label, u_states, u_checks = joint.choose_start(ev_r, ev, lad, unions, eps, **guards)
+        checks += u_checks
+        saved = {c["label"]: c["search_mac_reduction"] for c in checks if c["within"]}
+        if u_label is not None and (label is None or saved[u_label] > saved[label]):
+            label, states = u_label, u_states
     info.update(chosen=label, checks=checks, seconds=round(time.monotonic() - t0, 1),
                 states={str(k): v for k, v in states.items()} if states else None)
     return states, info
@@ -387,6 +400,17 @@ def _search_info(res, dense_macs) -> dict:
     return {"chosen_step": res.chosen, "steps": len(res.history) - 1, "stop": res.stop,
             "evaluations": res.evaluations,
             "search_mac_reduction": res.history[res.chosen][3] / dense_macs}
+
+
+def _count(v, name):
+    """A count option: a whole number >= 0 (or its decimal string)."""
+    try:
+        n = int(str(v))
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"{name} = {v!r}: must be a whole number >= 0")
+    return n
 
 
 def _flag(v, name):
