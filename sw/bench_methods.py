@@ -81,6 +81,9 @@ def run(args) -> dict:
     if args.retrain_epochs is not None and args.retrain_epochs < 1:
         raise SystemExit(f"skipconv bench methods: --retrain-epochs {args.retrain_epochs}: "
                          "must be >= 1")
+    if args.joint_step_downs is not None and args.joint_step_downs < 0:
+        raise SystemExit(f"skipconv bench methods: --joint-step-downs {args.joint_step_downs}: "
+                         "must be >= 0")
     figures = {"eps_points": args.eps}
     with default_executor(args.workers) as ex:
         for model in [m for m in args.models.split(",") if m]:

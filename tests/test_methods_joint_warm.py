@@ -169,3 +169,13 @@ def test_warm_options_are_on_the_command_lines(capsys):
     assert main(["optimize", "lenet", "--method", "velcro", "--joint-warm", "velcro",
                  "-o", "unused"]) == 2
     assert "--joint-warm: only with --method joint" in capsys.readouterr().err
+
+
+def test_step_downs_option_is_checked():
+    assert run._count(4, "step_downs") == 4 and run._count("0", "step_downs") == 0
+    for bad in (-1, "many", "2.5"):
+        with pytest.raises(ValueError, match="step_downs = .*whole number >= 0"):
+            run._count(bad, "step_downs")
+    from skipconv.sw.cli import main
+    with pytest.raises(SystemExit, match="--joint-step-downs -1: must be >= 0"):
+        main(["bench", "methods", "--joint-step-downs", "-1", "--methods", "joint"])
