@@ -59,12 +59,23 @@ def add_arguments(parser):
                              "(default methods.run.JOINT_STEP_DOWNS; 0: dropped at once)")
     parser.add_argument("--retrain-epochs", type=int, default=None, metavar="N",
                         help=f"{RETRAIN}, {JOINT_RETRAIN} (--methods names): epochs of "
-                             "retraining with the skips in the forward pass (default "
-                             "methods.finetune.RETRAIN_EPOCHS)")
+                             "retraining with the skips in the forward pass (defaults "
+                             "methods.finetune.RETRAIN_EPOCHS, methods.run.JOINT_RETRAIN_EPOCHS)")
     parser.add_argument("--retrain-set", default=None, choices=("target", "walk"),
                         help=f"{RETRAIN}: train with the target configuration (default) or "
                              "with one per mini-batch drawn from it, the configurations "
                              "after it and the dense network (walk)")
+    parser.add_argument("--retrain-lr", type=float, default=None, metavar="LR",
+                        help=f"{RETRAIN}, {JOINT_RETRAIN}: AdamW learning rate of the "
+                             "retraining (defaults: methods.finetune.RETRAIN_LR, "
+                             "methods.run.JOINT_RETRAIN_LR)")
+    parser.add_argument("--retrain-distill", type=float, default=None, metavar="F",
+                        help=f"{JOINT_RETRAIN}: share of the retraining loss distilled from the "
+                             "original network's outputs, in [0, 1) (default "
+                             "methods.run.JOINT_RETRAIN_DISTILL)")
+    parser.add_argument("--retrain-continue", default=None, choices=("yes", "no"),
+                        help=f"{JOINT_RETRAIN}: continue the greedy search on the retrained "
+                             "network (default methods.run.JOINT_RETRAIN_CONTINUE: no)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -81,6 +92,11 @@ def run(args) -> dict:
     if args.retrain_epochs is not None and args.retrain_epochs < 1:
         raise SystemExit(f"skipconv bench methods: --retrain-epochs {args.retrain_epochs}: "
                          "must be >= 1")
+    if args.retrain_lr is not None and not args.retrain_lr > 0:
+        raise SystemExit(f"skipconv bench methods: --retrain-lr {args.retrain_lr}: must be > 0")
+    if args.retrain_distill is not None and not 0 <= args.retrain_distill < 1:
+        raise SystemExit(f"skipconv bench methods: --retrain-distill {args.retrain_distill}: "
+                         "must be in [0, 1)")
     if args.joint_step_downs is not None and args.joint_step_downs < 0:
         raise SystemExit(f"skipconv bench methods: --joint-step-downs {args.joint_step_downs}: "
                          "must be >= 0")
@@ -97,6 +113,8 @@ def run(args) -> dict:
                     opts = {"retrain": args.retrain_epochs or RETRAIN_EPOCHS}
                     if args.retrain_set:
                         opts["retrain_set"] = args.retrain_set
+                    if args.retrain_lr is not None:
+                        opts["retrain_lr"] = args.retrain_lr
                 elif method in ("joint", JOINT_RETRAIN):
                     opts = {k: v for k, v in (("lazy_k", args.joint_lazy),
                                               ("max_seconds", args.joint_max_seconds),
@@ -105,9 +123,13 @@ def run(args) -> dict:
                                               ("step_downs", args.joint_step_downs))
                             if v is not None}
                     if method == JOINT_RETRAIN:
-                        from .methods.finetune import RETRAIN_EPOCHS
+                        from .methods.run import JOINT_RETRAIN_EPOCHS
                         run_method = "joint"
-                        opts["retrain"] = args.retrain_epochs or RETRAIN_EPOCHS
+                        opts["retrain"] = args.retrain_epochs or JOINT_RETRAIN_EPOCHS
+                        opts.update({k: v for k, v in (
+                            ("retrain_lr", args.retrain_lr),
+                            ("retrain_distill", args.retrain_distill),
+                            ("retrain_continue", args.retrain_continue)) if v is not None})
                 s = optimize_model(model, run_method, eps, out / model / method, executor=ex,
                                    calib_n=args.calib, test_n=args.test, loaded=loaded,
                                    progress=not args.quiet, options=opts)
@@ -128,8 +150,10 @@ def run(args) -> dict:
                     rt = s["info"]["retrain"]
                     res[method].update(
                         retrained=rt["adopted"], retrain_epochs=rt["epochs"],
+                        retrain_lr=rt["lr"], retrain_distill=rt["distill"],
                         retrain_seconds=rt.get("seconds"), chosen_step=s["info"]["chosen_step"],
                         retrained_step=rt.get("chosen"),
+                        continued=rt.get("continued", {}).get("chosen_step"),
                         dense_drop_calib_points=round(100 * rt["dense_drop_calib"], 2))
                     if "test_without" in rt:
                         w = rt["test_without"]

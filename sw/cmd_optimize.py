@@ -78,7 +78,13 @@ def add_arguments(parser):
                              "then those steps walked again; e.g. 4; default: none)")
     parser.add_argument("--retrain-lr", type=float, default=None, metavar="LR",
                         help="--retrain: AdamW learning rate, cosine decay to 0 "
-                             "(default 1e-4)")
+                             "(default 1e-4; joint 3e-4)")
+    parser.add_argument("--retrain-distill", type=float, default=None, metavar="F",
+                        help="joint --retrain: share of the loss distilled from the original "
+                             "network's outputs, in [0, 1) (default 0.5)")
+    parser.add_argument("--retrain-continue", default=None, choices=("yes", "no"),
+                        help="joint --retrain: continue the greedy search on the retrained "
+                             "network from the last step within the guards (default no)")
     parser.add_argument("--retrain-set", default=None, choices=("target", "walk"),
                         help="zero_pred --retrain: train with that one configuration "
                              "(target, default) or, per mini-batch, one drawn from it, the "
@@ -113,7 +119,8 @@ def run(args) -> int:
                   f"(--method {args.method})", file=sys.stderr)
             return 2
         options["warm"] = args.joint_warm
-    if args.retrain is not None or args.retrain_lr is not None or args.retrain_set:
+    if (args.retrain is not None or args.retrain_lr is not None or args.retrain_set
+            or args.retrain_distill is not None or args.retrain_continue is not None):
         if args.method not in ("zero_pred", "joint"):
             print(f"skipconv optimize: --retrain / --retrain-lr: only with --method zero_pred "
                   f"or joint (--method {args.method})", file=sys.stderr)
@@ -122,8 +129,23 @@ def run(args) -> int:
             print("skipconv optimize: --retrain-set: only with --method zero_pred",
                   file=sys.stderr)
             return 2
+        for name in ("retrain_distill", "retrain_continue"):
+            v = getattr(args, name)
+            if v is not None and args.method != "joint":
+                print(f"skipconv optimize: --{name.replace('_', '-')}: only with --method joint",
+                      file=sys.stderr)
+                return 2
+        if args.retrain_distill is not None:
+            if not 0 <= args.retrain_distill < 1:
+                print(f"skipconv optimize: --retrain-distill {args.retrain_distill}: must be "
+                      "in [0, 1)", file=sys.stderr)
+                return 2
+            options["retrain_distill"] = args.retrain_distill
+        if args.retrain_continue is not None:
+            options["retrain_continue"] = args.retrain_continue
         if args.retrain is None:
-            print("skipconv optimize: --retrain-lr / --retrain-set need --retrain EPOCHS",
+            print("skipconv optimize: --retrain-lr / --retrain-set / --retrain-distill / "
+                  "--retrain-continue need --retrain EPOCHS",
                   file=sys.stderr)
             return 2
         if args.retrain < 1:

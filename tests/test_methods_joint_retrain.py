@@ -5,7 +5,10 @@ its CONST, COPY, predicted and stopped positions, train none of these decisions,
 retrained network's ladders must put the same trajectory on the new layers.
 """
 
+import re
+
 import numpy as np
+import pytest
 import torch
 
 from skipconv.sw import golden
@@ -149,14 +152,23 @@ def test_optimize_retrain_options_for_joint(tmp_path, capsys):
     assert main(["optimize", "lenet", "--method", "joint", "--retrain", "2", "--retrain-set",
                  "walk", "-o", str(tmp_path)]) == 2
     assert "--retrain-set: only with --method zero_pred" in capsys.readouterr().err
+    assert main(["optimize", "lenet", "--method", "zero_pred", "--retrain", "2",
+                 "--retrain-distill", "0.5", "-o", str(tmp_path)]) == 2
+    assert "--retrain-distill: only with --method joint" in capsys.readouterr().err
+    assert main(["optimize", "lenet", "--method", "joint", "--retrain", "2",
+                 "--retrain-distill", "1.5", "-o", str(tmp_path)]) == 2
+    assert "--retrain-distill 1.5: must be in [0, 1)" in capsys.readouterr().err
+    assert main(["optimize", "lenet", "--method", "joint", "--retrain-continue", "no", "-o",
+                 str(tmp_path)]) == 2
+    assert "need --retrain EPOCHS" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())                 # nothing written
 
 
 def test_joint_retrained_walks_the_steps_past_the_chosen_one(lenet):
     """The pipeline on a hand-made three-step trajectory (floor chosen): one epoch of
-    retraining, the two later steps walked again with both guards, drops against the
-    original network."""
-    from skipconv.sw.methods.common import HeldOut  # noqa: F401  (the guard it uses)
-
+    retraining (half of the loss distilled from the original network), the chosen step and
+    the two later ones walked again with both guards, drops against the original network,
+    and the search continued on the retrained network from the last step within."""
     model, net, splits = lenet
     c, t = splits["calib"], splits["train"]
     ev = NetEval(net, c.x[:100], c.y[:100])
@@ -171,13 +183,54 @@ def test_joint_retrained_walks_the_steps_past_the_chosen_one(lenet):
     s2[2]["perf"], s2[1]["et"] = 2, 2
     res = joint.JointResult(plan=joint._plan(ev_s, lad, floor), states=floor,
                             chosen=0, trail=[floor, s1, s2])
+    starts = []
+
+    def search(start, ev_r, lad, val):
+        starts.append((start, ev_r, val))
+        return joint.optimize(ev_r, 0.01, ladders=lad, margin=3.0, nll_cap=None, val=val,
+                              start=start, max_rounds=2, progress=False)
+
     net_c, ev_c, plan, info = run._joint_retrained(
         model, net, splits, ev, ev_s, ev_s, lad, res, 0.01, 3.0, 0.5, 1,
-        {"retrain_lr": 1e-4}, 1, False)
-    assert info["trained_steps"] == [1, 2] and [k["step"] for k in info["checks"]] == [1, 2]
+        {"retrain_lr": 1e-4, "retrain_distill": 0.5, "retrain_continue": "yes"}, 1,
+        False, search)
+    assert info["trained_steps"] == [1, 2] and [k["step"] for k in info["checks"]] == [0, 1, 2]
+    assert info["distill"] == 0.5 and info["continue"] is True
+    within = [k["step"] for k in info["checks"] if k["within"]]
+    if within:
+        # continued from the last step within, on the retrained network's evaluations
+        (start, ev_r, val), = starts
+        assert start == res.trail[within[-1]]
+        assert ev_r.net is not net and val.base is ev.base
+        assert "continued" in info
+    else:
+        assert not starts
     assert ev_c.base is ev.base or ev_c is ev          # drops against the original network
     if info["adopted"]:
-        assert net_c is not net and info["chosen"] in (1, 2)
+        assert net_c is not net and info["chosen"] in (1, 2, "continued")
         assert info["calib_mac_reduction"] > info["calib_mac_reduction_without"]
     else:
         assert net_c is net and plan is res.plan and info["reason"]
+
+
+def test_joint_retrain_options_are_checked(lenet):
+    model, net, splits = lenet
+    c = splits["calib"]
+    ev = NetEval(net, c.x[:20], c.y[:20])
+    floor = {i: {m: 0 for m in joint.METHODS} for i in range(3)}
+    res = joint.JointResult(plan={}, states=floor, chosen=0, trail=[floor])
+    for opts, msg in (({"retrain_distill": 1.0}, "retrain_distill = 1.0"),
+                      ({"retrain_distill": "x"}, "retrain_distill = 'x'"),
+                      ({"retrain_continue": "maybe"}, "retrain_continue = 'maybe'")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            run._joint_retrained(model, net, splits, ev, ev, ev, None, res, 0.01, 3.0, 0.5, 1,
+                                 opts, 1, False, None)
+
+
+def test_bench_retrain_options_are_checked_before_any_run():
+    from skipconv.sw.cli import main
+
+    for argv, msg in ((["--retrain-lr", "0"], "--retrain-lr 0.0: must be > 0"),
+                      (["--retrain-distill", "1"], "--retrain-distill 1.0: must be in [0, 1)")):
+        with pytest.raises(SystemExit, match=re.escape(msg)):
+            main(["bench", "methods", "--methods", "joint_retrain", *argv])

@@ -433,11 +433,13 @@ class plan_forward(_ForwardHooks):
 
 def joint_retrain(model, layers, plan, x, y, *, epochs: int = RETRAIN_EPOCHS,
                   lr: float = RETRAIN_LR, batch: int = 64, weight_decay: float = 1e-4,
-                  seed: int = 0, progress: bool = True):
+                  seed: int = 0, distill: float = 0.0, temperature: float = 4.0,
+                  progress: bool = True):
     """A copy of ``model`` retrained on ``(x, y)`` with ``plan``'s skips in the forward pass
     (:class:`plan_forward`; a list of plans: one drawn per mini-batch, seeded). The skip
-    decisions are not trained; backpropagation is otherwise unchanged. The caller exports it
-    again."""
+    decisions are not trained; backpropagation is otherwise unchanged. ``distill`` > 0 mixes
+    in the KL divergence to the original (dense) model's softened outputs. The caller
+    exports it again."""
     teacher = model
     model = copy.deepcopy(model)
     rng = np.random.default_rng(seed)
@@ -448,6 +450,6 @@ def joint_retrain(model, layers, plan, x, y, *, epochs: int = RETRAIN_EPOCHS,
                 pf.current = int(rng.integers(len(pf.configs)))
 
         _fit(model, teacher, x, y, epochs=epochs, lr=lr, batch=batch,
-             weight_decay=weight_decay, seed=seed, distill=0.0, temperature=4.0,
+             weight_decay=weight_decay, seed=seed, distill=distill, temperature=temperature,
              before_batch=draw, desc="retrain (joint)", progress=progress)
     return model.eval()
