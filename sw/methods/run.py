@@ -608,7 +608,7 @@ def _joint_retrained(model, net, splits, ev, ev_s, ev_r, lad, res, eps, margin, 
     lad_rt = _ladders_after_retraining(lad, net, net_rt, ev_s_rt)
     info["dense_drop_calib"] = ev_rt.base.acc - ev_rt.guarded_acc(ev_rt.run({}))
     ho = HeldOut(ev_rt, eps, val_margin)
-    candidates = []                       # (label, states) within both guards
+    candidates = []     # (MAC reduction on the calibration images, label, states), within both
     start = None                          # the last step within, where the search continues
     for k in range(k0, len(res.trail)):
         cand = joint._plan(ev_r_rt, lad_rt, res.trail[k])
@@ -622,24 +622,22 @@ def _joint_retrained(model, net, splits, ev, ev_s, ev_r, lad, res, eps, margin, 
         if ok:
             start = res.trail[k]
             if k > k0:
-                candidates.append((k, res.trail[k]))
+                candidates.append((ho.history[-1]["mac_reduction"], k, res.trail[k]))
     if cont and start is not None:
         more = search(start, ev_r=ev_r_rt, lad=lad_rt, val=ev_rt)
         info["continued"] = {**_search_info(more, ev_r_rt.base.total["dense"]),
                              "states": {str(i): v for i, v in more.states.items()}}
         if more.chosen > 0:
-            candidates.append(("continued", more.states))
+            candidates.append((more.val[more.chosen]["mac_reduction"], "continued",
+                               more.states))
     info["calib_mac_reduction_without"] = without = ev.run(res.plan).mac_reduction
     info["seconds"] = round(time.monotonic() - t0, 1)
     if not candidates:
         info["reason"] = ("no step past the chosen one within the guards on the retrained "
                           "network" + (", nor a move of the continued search" if cont else ""))
         return net, ev, res.plan, info
-    scored = []
-    for label, states in candidates:
-        plan = joint._plan(ev_rt, lad_rt, states)
-        scored.append((ev_rt.run(plan).mac_reduction, label, states, plan))
-    red, label, states, plan = max(scored, key=lambda t: t[0])
+    red, label, states = max(candidates, key=lambda t: t[0])
+    plan = joint._plan(ev_rt, lad_rt, states)
     validate_plan(plan, net_rt.layers, g)
     info.update(chosen=label, states={str(i): v for i, v in states.items()},
                 calib_mac_reduction=red)
