@@ -73,10 +73,6 @@ def add_arguments(parser):
                         help=f"{JOINT_RETRAIN}: share of the retraining loss distilled from the "
                              "original network's outputs, in [0, 1) (default "
                              "methods.run.JOINT_RETRAIN_DISTILL)")
-    parser.add_argument("--retrain-rounds", type=int, default=None, metavar="N",
-                        help=f"{JOINT_RETRAIN}: retrain again from each round's network and "
-                             "kept step, up to N rounds (default methods.run."
-                             "JOINT_RETRAIN_ROUNDS)")
     parser.add_argument("--retrain-continue", default=None, choices=("yes", "no"),
                         help=f"{JOINT_RETRAIN}: continue the greedy search on the retrained "
                              "network (default methods.run.JOINT_RETRAIN_CONTINUE: no)")
@@ -101,9 +97,6 @@ def run(args) -> dict:
     if args.retrain_distill is not None and not 0 <= args.retrain_distill < 1:
         raise SystemExit(f"skipconv bench methods: --retrain-distill {args.retrain_distill}: "
                          "must be in [0, 1)")
-    if args.retrain_rounds is not None and args.retrain_rounds < 1:
-        raise SystemExit(f"skipconv bench methods: --retrain-rounds {args.retrain_rounds}: "
-                         "must be >= 1")
     if args.joint_step_downs is not None and args.joint_step_downs < 0:
         raise SystemExit(f"skipconv bench methods: --joint-step-downs {args.joint_step_downs}: "
                          "must be >= 0")
@@ -136,7 +129,6 @@ def run(args) -> dict:
                         opts.update({k: v for k, v in (
                             ("retrain_lr", args.retrain_lr),
                             ("retrain_distill", args.retrain_distill),
-                            ("retrain_rounds", args.retrain_rounds),
                             ("retrain_continue", args.retrain_continue)) if v is not None})
                 s = optimize_model(model, run_method, eps, out / model / method, executor=ex,
                                    calib_n=args.calib, test_n=args.test, loaded=loaded,
@@ -162,11 +154,7 @@ def run(args) -> dict:
                         retrain_seconds=rt.get("seconds"), chosen_step=s["info"]["chosen_step"],
                         retrained_step=rt.get("chosen"),
                         continued=rt.get("continued", {}).get("chosen_step"),
-                        # per round: the step kept (None: none) and the retrained dense
-                        # network's guarded drop on the calibration images
-                        retrain_rounds=[{"kept": r["kept"], "dense_drop_calib_points":
-                                         round(100 * r["dense_drop_calib"], 2)}
-                                        for r in rt["rounds"]])
+                        dense_drop_calib_points=round(100 * rt["dense_drop_calib"], 2))
                     if "test_without" in rt:
                         w = rt["test_without"]
                         res[method]["without_retraining"] = {

@@ -192,28 +192,14 @@ def test_joint_retrained_walks_the_steps_past_the_chosen_one(lenet):
 
     net_c, ev_c, plan, info = run._joint_retrained(
         model, net, splits, ev, ev_s, ev_s, lad, res, 0.01, 3.0, 0.5, 1,
-        {"retrain_lr": 1e-4, "retrain_distill": 0.5, "retrain_continue": "yes",
-         "retrain_rounds": 2}, 1, False, search)
-    first = info["rounds"][0]
-    assert first["trained_steps"] == [1, 2] and [k["step"] for k in first["checks"]] == [0, 1, 2]
+        {"retrain_lr": 1e-4, "retrain_distill": 0.5, "retrain_continue": "yes"}, 1,
+        False, search)
+    assert info["trained_steps"] == [1, 2] and [k["step"] for k in info["checks"]] == [0, 1, 2]
     assert info["distill"] == 0.5 and info["continue"] is True
-    within = [k["step"] for k in first["checks"] if k["within"]]
-    if first["kept"] is not None:
-        # the kept step is a later one within; a second round starts from it
-        assert first["kept"] in within and first["kept"] > 0
-        assert len(info["rounds"]) == 2
-        second = info["rounds"][1]
-        assert second["checks"][0]["step"] == first["kept"]
-        assert second["trained_steps"] == (list(range(first["kept"] + 1, 3))
-                                           or [first["kept"]])
-    else:
-        assert len(info["rounds"]) == 1
+    within = [k["step"] for k in info["checks"] if k["within"]]
     if within:
-        # continued from a last step within, on a retrained network's evaluations
+        # continued from the last step within, on the retrained network's evaluations
         (start, ev_r, val), = starts
-        last = info["rounds"][-1]
-        if last["kept"] is not None:        # the last round's network, its last step within
-            within = [k["step"] for k in last["checks"] if k["within"]]
         assert start == res.trail[within[-1]]
         assert ev_r.net is not net and val.base is ev.base
         assert "continued" in info
@@ -235,9 +221,7 @@ def test_joint_retrain_options_are_checked(lenet):
     res = joint.JointResult(plan={}, states=floor, chosen=0, trail=[floor])
     for opts, msg in (({"retrain_distill": 1.0}, "retrain_distill = 1.0"),
                       ({"retrain_distill": "x"}, "retrain_distill = 'x'"),
-                      ({"retrain_continue": "maybe"}, "retrain_continue = 'maybe'"),
-                      ({"retrain_rounds": 0}, "retrain_rounds = 0"),
-                      ({"retrain_rounds": "two"}, "retrain_rounds = 'two'")):
+                      ({"retrain_continue": "maybe"}, "retrain_continue = 'maybe'")):
         with pytest.raises(ValueError, match=re.escape(msg)):
             run._joint_retrained(model, net, splits, ev, ev, ev, None, res, 0.01, 3.0, 0.5, 1,
                                  opts, 1, False, None)
@@ -247,7 +231,6 @@ def test_bench_retrain_options_are_checked_before_any_run():
     from skipconv.sw.cli import main
 
     for argv, msg in ((["--retrain-lr", "0"], "--retrain-lr 0.0: must be > 0"),
-                      (["--retrain-distill", "1"], "--retrain-distill 1.0: must be in [0, 1)"),
-                      (["--retrain-rounds", "0"], "--retrain-rounds 0: must be >= 1")):
+                      (["--retrain-distill", "1"], "--retrain-distill 1.0: must be in [0, 1)")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
             main(["bench", "methods", "--methods", "joint_retrain", *argv])

@@ -434,13 +434,13 @@ class plan_forward(_ForwardHooks):
 def joint_retrain(model, layers, plan, x, y, *, epochs: int = RETRAIN_EPOCHS,
                   lr: float = RETRAIN_LR, batch: int = 64, weight_decay: float = 1e-4,
                   seed: int = 0, distill: float = 0.0, temperature: float = 4.0,
-                  teacher=None, progress: bool = True):
+                  progress: bool = True):
     """A copy of ``model`` retrained on ``(x, y)`` with ``plan``'s skips in the forward pass
     (:class:`plan_forward`; a list of plans: one drawn per mini-batch, seeded). The skip
     decisions are not trained; backpropagation is otherwise unchanged. ``distill`` > 0 mixes
-    in the KL divergence to ``teacher``'s softened outputs (default: ``model`` itself, dense).
-    The caller exports it again."""
-    teacher = model if teacher is None else teacher
+    in the KL divergence to the original (dense) model's softened outputs. The caller
+    exports it again."""
+    teacher = model
     model = copy.deepcopy(model)
     rng = np.random.default_rng(seed)
     with plan_forward(model, layers, plan) as pf:

@@ -102,9 +102,6 @@ JOINT_RETRAIN_CONTINUE = False
 JOINT_RETRAIN_EPOCHS = 16
 JOINT_RETRAIN_LR = 3e-4
 JOINT_RETRAIN_DISTILL = 0.5
-#: Joint retraining rounds (``options["retrain_rounds"]``): each round after the first
-#: trains the previous round's network further with the steps past the one it kept.
-JOINT_RETRAIN_ROUNDS = 1
 
 
 def _np(a):
@@ -564,29 +561,26 @@ def _zero_pred_retrained(model, net, splits, ev, ev_r, holdout, trail, plan, bud
 def _joint_retrained(model, net, splits, ev, ev_s, ev_r, lad, res, eps, margin, val_margin,
                      epochs, options, g, progress, search):
     """Retrain with the joint configurations in the forward pass, export again, walk the
-    search's trajectory past its chosen step again on the retrained network; repeat from the
-    step kept (``retrain_rounds``); optionally continue the search there.
+    search's trajectory past its chosen step again on the retrained network, and continue
+    the search there.
 
-    A round's training plans are the trajectory's steps after the step kept so far (at first
-    the back-off's choice: the steps the calibration images refused; each mini-batch draws
-    one, ``finetune.joint_retrain``; none: that step itself); ``retrain_distill`` (option,
-    default :data:`JOINT_RETRAIN_DISTILL`) mixes in the KL divergence to the *original*
-    network's outputs, so that the dense function drifts less. A later round trains the
-    previous round's network further. The retrained model is exported again with the
-    calibration images (its own scales) and the same trajectory is put on its layers: the
-    same zero prediction windows, perforation masks and VELCRO positions, VELCRO's stored
-    averages re-expressed in the new output scale (``B * s_y / s_y'``), SnaPEA rungs profiled
-    again on the new weights (same tolerances: order and ``neg_start`` follow the weights'
-    signs). Every step from the one kept so far on is evaluated on the search images (within
-    ``eps * margin``) and on the calibration images (within ``eps * val_margin``), drops
-    against the *original* dense network; of the later steps within both, the one saving the
-    most MACs on the calibration images is kept. Rounds stop after ``retrain_rounds``
-    (option, default :data:`JOINT_RETRAIN_ROUNDS`) or when a round keeps no later step (its
-    network is then dropped). With ``retrain_continue`` (option, default
-    :data:`JOINT_RETRAIN_CONTINUE`) the greedy search (``search``, the same guards) then
-    continues on the last kept network from the last step within there. The result is
-    adopted if it saves more MACs on the calibration images than the search's own result;
-    else the search's result stands. Returns ``(net, ev, plan, info)``.
+    The training plans are the trajectory's steps after the back-off's choice (the ones the
+    calibration images refused; each mini-batch draws one, ``finetune.joint_retrain``; none:
+    the chosen step itself); ``retrain_distill`` (option, default
+    :data:`JOINT_RETRAIN_DISTILL`) mixes in the KL divergence to the original network's
+    outputs, so that the dense function drifts less. The retrained model is exported again
+    with the calibration images (its own scales) and the same trajectory is put on its
+    layers: the same zero prediction windows, perforation masks and VELCRO positions,
+    VELCRO's stored averages re-expressed in the new output scale (``B * s_y / s_y'``),
+    SnaPEA rungs profiled again on the new weights (same tolerances: order and ``neg_start``
+    follow the weights' signs). Every step from the chosen one on is evaluated on the search
+    images (within ``eps * margin``) and on the calibration images (within ``eps *
+    val_margin``), drops against the *original* dense network. With ``retrain_continue``
+    (option, default :data:`JOINT_RETRAIN_CONTINUE`) the greedy search (``search``, the same
+    guards) then continues on the retrained network from the last of those steps within
+    both. Of the walk's and the continued search's results, the one saving the most MACs on
+    the calibration images is the result if it saves more there than the search's own
+    result; else the search's result stands. Returns ``(net, ev, plan, info)``.
     """
     from .. import export
     from . import finetune
@@ -597,72 +591,52 @@ def _joint_retrained(model, net, splits, ev, ev_s, ev_r, lad, res, eps, margin, 
         raise ValueError(f"retrain_lr = {options.get('retrain_lr')!r}: must be > 0")
     distill = _fraction(options.get("retrain_distill", JOINT_RETRAIN_DISTILL), "retrain_distill")
     cont = _flag(options.get("retrain_continue", JOINT_RETRAIN_CONTINUE), "retrain_continue")
-    rounds = _count(options.get("retrain_rounds", JOINT_RETRAIN_ROUNDS), "retrain_rounds")
-    if rounds < 1:
-        raise ValueError(f"retrain_rounds = {options['retrain_rounds']!r}: must be >= 1")
+    k0 = res.chosen
+    steps = list(range(k0 + 1, len(res.trail))) or [k0]
     info = {"epochs": epochs, "lr": lr, "distill": distill, "continue": cont,
-            "rounds": [], "adopted": False, "plan_without": res.plan}
+            "adopted": False, "trained_steps": steps, "checks": [], "plan_without": res.plan}
+    plans = [joint._plan(ev_r, lad, res.trail[k]) for k in steps]
+    plans = [p for p in plans if p] or [{}]
     train = splits["train"]
-    k_kept = res.chosen
-    # the network and the trajectory's layers a round trains from (at first the original)
-    cur_model, cur_net, cur_ev_r, cur_lad = model, net, ev_r, lad
-    kept = None          # (net, ev on the calibration images, ladders, states, MACs, label)
-    cont_from = None     # where a continued search starts: the last kept network's last step
-                     # within (no network kept: the first round's)
-    for _ in range(rounds):
-        steps = list(range(k_kept + 1, len(res.trail))) or [k_kept]
-        plans = [joint._plan(cur_ev_r, cur_lad, res.trail[k]) for k in steps]
-        plans = [p for p in plans if p] or [{}]
-        t_round = time.monotonic()
-        model_rt = finetune.joint_retrain(cur_model, cur_net.layers, plans, _np(train.x),
-                                          _np(train.y), epochs=epochs, lr=lr, distill=distill,
-                                          teacher=model, progress=progress)
-        net_rt = export.export(model_rt, splits["calib"].x, spec=dict(net.spec))
-        ev_rt = NetEval(net_rt, ev.x, ev.y, g, reference=ev.base)
-        ev_r_rt = NetEval(net_rt, ev_r.x, ev_r.y, g, reference=ev_r.base)
-        lad_rt = _ladders_after_retraining(lad, net, net_rt, NetEval(net_rt, ev_s.x, ev_s.y, g))
-        rnd = {"trained_steps": steps, "train_seconds": round(time.monotonic() - t_round, 1),
-               "dense_drop_calib": ev_rt.base.acc - ev_rt.guarded_acc(ev_rt.run({})),
-               "checks": []}
-        info["rounds"].append(rnd)
-        ho = HeldOut(ev_rt, eps, val_margin)
-        best, start = None, None
-        for k in range(k_kept, len(res.trail)):
-            cand = joint._plan(ev_r_rt, lad_rt, res.trail[k])
-            drop = ev_r_rt.base.acc - ev_r_rt.guarded_acc(ev_r_rt.run(cand))
-            vdrop = ho.check(cand, k)
-            red = ho.history[-1]["mac_reduction"]
-            ok = drop <= eps * margin + 1e-12 and ho.within(vdrop)
-            rnd["checks"].append({"step": k, "search_drop": drop, "val_drop": vdrop,
-                                  "val_mac_reduction": red, "within": ok})
-            if ok:
-                start = k
-                if k > k_kept and (best is None or red > best[1]):
-                    best = (k, red)
-        if start is not None and (best is not None or len(info["rounds"]) == 1):
-            cont_from = (start, net_rt, ev_rt, ev_r_rt, lad_rt)
-        if best is None:
-            rnd["kept"] = None
-            break
-        k_kept = rnd["kept"] = best[0]
-        kept = (net_rt, ev_rt, lad_rt, res.trail[k_kept], best[1], k_kept)
-        cur_model, cur_net, cur_ev_r, cur_lad = model_rt, net_rt, ev_r_rt, lad_rt
-    info["calib_mac_reduction_without"] = without = ev.run(res.plan).mac_reduction
-    if cont and cont_from is not None:
-        k_from, net_f, ev_f, ev_r_f, lad_f = cont_from
-        more = search(res.trail[k_from], ev_r=ev_r_f, lad=lad_f, val=ev_f)
-        info["continued"] = {**_search_info(more, ev_r_f.base.total["dense"]),
-                             "from_step": k_from,
+    model_rt = finetune.joint_retrain(model, net.layers, plans, _np(train.x), _np(train.y),
+                                      epochs=epochs, lr=lr, distill=distill, progress=progress)
+    net_rt = export.export(model_rt, splits["calib"].x, spec=dict(net.spec))
+    info["train_seconds"] = round(time.monotonic() - t0, 1)
+    ev_rt = NetEval(net_rt, ev.x, ev.y, g, reference=ev.base)
+    ev_r_rt = NetEval(net_rt, ev_r.x, ev_r.y, g, reference=ev_r.base)
+    ev_s_rt = NetEval(net_rt, ev_s.x, ev_s.y, g)
+    lad_rt = _ladders_after_retraining(lad, net, net_rt, ev_s_rt)
+    info["dense_drop_calib"] = ev_rt.base.acc - ev_rt.guarded_acc(ev_rt.run({}))
+    ho = HeldOut(ev_rt, eps, val_margin)
+    candidates = []     # (MAC reduction on the calibration images, label, states), within both
+    start = None                          # the last step within, where the search continues
+    for k in range(k0, len(res.trail)):
+        cand = joint._plan(ev_r_rt, lad_rt, res.trail[k])
+        r = ev_r_rt.run(cand)
+        drop = ev_r_rt.base.acc - ev_r_rt.guarded_acc(r)
+        vdrop = ho.check(cand, k)
+        ok = drop <= eps * margin + 1e-12 and ho.within(vdrop)
+        info["checks"].append({"step": k, "search_drop": drop, "val_drop": vdrop,
+                               "val_mac_reduction": ho.history[-1]["mac_reduction"],
+                               "within": ok})
+        if ok:
+            start = res.trail[k]
+            if k > k0:
+                candidates.append((ho.history[-1]["mac_reduction"], k, res.trail[k]))
+    if cont and start is not None:
+        more = search(start, ev_r=ev_r_rt, lad=lad_rt, val=ev_rt)
+        info["continued"] = {**_search_info(more, ev_r_rt.base.total["dense"]),
                              "states": {str(i): v for i, v in more.states.items()}}
-        red = more.val[more.chosen]["mac_reduction"]
-        if more.chosen > 0 and (kept is None or red > kept[4]):
-            kept = (net_f, ev_f, lad_f, more.states, red, "continued")
+        if more.chosen > 0:
+            candidates.append((more.val[more.chosen]["mac_reduction"], "continued",
+                               more.states))
+    info["calib_mac_reduction_without"] = without = ev.run(res.plan).mac_reduction
     info["seconds"] = round(time.monotonic() - t0, 1)
-    if kept is None:
+    if not candidates:
         info["reason"] = ("no step past the chosen one within the guards on the retrained "
                           "network" + (", nor a move of the continued search" if cont else ""))
         return net, ev, res.plan, info
-    net_rt, ev_rt, lad_rt, states, red, label = kept
+    red, label, states = max(candidates, key=lambda t: t[0])
     plan = joint._plan(ev_rt, lad_rt, states)
     validate_plan(plan, net_rt.layers, g)
     info.update(chosen=label, states={str(i): v for i, v in states.items()},
