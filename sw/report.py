@@ -57,6 +57,9 @@ def _label(s) -> str:
         tag += f"/{info['mask']}"
     if s["method"] == "zero_pred" and info.get("mode"):
         tag += f"/{info['mode']}/p{info.get('p')}"
+    if "retrain" in info:
+        # the retrained network's result, or the search's own when retraining was not adopted
+        tag += "+retrained" if info["retrain"].get("adopted") else "+retrain(not adopted)"
     return tag
 
 

@@ -234,3 +234,14 @@ def test_bench_retrain_options_are_checked_before_any_run():
                       (["--retrain-distill", "1"], "--retrain-distill 1.0: must be in [0, 1)")):
         with pytest.raises(SystemExit, match=re.escape(msg)):
             main(["bench", "methods", "--methods", "joint_retrain", *argv])
+
+
+def test_report_labels_say_whether_retraining_was_adopted():
+    from skipconv.sw.report import _label
+
+    s = {"method": "joint", "info": {}}
+    assert _label(s) == "joint"
+    s["info"]["retrain"] = {"adopted": True}
+    assert _label(s) == "joint+retrained"
+    s["info"]["retrain"] = {"adopted": False}
+    assert _label(s) == "joint+retrain(not adopted)"
