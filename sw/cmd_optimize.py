@@ -144,8 +144,10 @@ def run(args) -> int:
         if args.retrain_continue is not None:
             options["retrain_continue"] = args.retrain_continue
         if args.retrain is None:
-            print("skipconv optimize: --retrain-lr / --retrain-set / --retrain-distill / "
-                  "--retrain-continue need --retrain EPOCHS",
+            given = [f"--{n.replace('_', '-')}" for n in
+                     ("retrain_lr", "retrain_set", "retrain_distill", "retrain_continue")
+                     if getattr(args, n) is not None]
+            print(f"skipconv optimize: {' '.join(given)}: needs --retrain EPOCHS",
                   file=sys.stderr)
             return 2
         if args.retrain < 1:

@@ -160,7 +160,7 @@ def test_optimize_retrain_options_for_joint(tmp_path, capsys):
     assert "--retrain-distill 1.5: must be in [0, 1)" in capsys.readouterr().err
     assert main(["optimize", "lenet", "--method", "joint", "--retrain-continue", "no", "-o",
                  str(tmp_path)]) == 2
-    assert "need --retrain EPOCHS" in capsys.readouterr().err
+    assert "--retrain-continue: needs --retrain EPOCHS" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())                 # nothing written
 
 

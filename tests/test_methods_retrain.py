@@ -272,7 +272,7 @@ def test_retrain_options_are_checked_by_name(lenet, tmp_path, capsys):
     assert "--retrain-lr -1.0: must be > 0" in capsys.readouterr().err
     assert main(["optimize", "lenet", "--method", "zero_pred", "--retrain-set", "walk", "-o",
                  str(tmp_path)]) == 2
-    assert "--retrain-set need --retrain EPOCHS" in capsys.readouterr().err
+    assert "--retrain-set: needs --retrain EPOCHS" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["optimize", "--help"])
     out = capsys.readouterr().out
