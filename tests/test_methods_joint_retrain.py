@@ -132,7 +132,7 @@ def test_joint_retrain_runs_and_ladders_follow_tolerances(lenet):
     assert moved > 0
     ev = NetEval(net, x, splits["calib"].y[:64])
     lad = joint.build_ladders(ev, first_layer_velcro=True, tolerances=joint.WIDE_TOLERANCES)
-    same = run._ladders_after_retraining(lad, net, net, ev)
+    same = run._ladders_after_retraining(lad, net, net)
     for a, b in zip(lad.et, same.et):
         assert len(a) == len(b)
         for ra, rb in zip(a, b):
@@ -191,7 +191,7 @@ def test_joint_retrained_walks_the_steps_past_the_chosen_one(lenet):
                               start=start, max_rounds=2, progress=False)
 
     net_c, ev_c, plan, info = run._joint_retrained(
-        model, net, splits, ev, ev_s, ev_s, lad, res, 0.01, 3.0, 0.5, 1,
+        model, net, splits, ev, ev_s, lad, res, 0.01, 3.0, 0.5, 1,
         {"retrain_lr": 1e-4, "retrain_distill": 0.5, "retrain_continue": "yes"}, 1,
         False, search)
     assert info["trained_steps"] == [1, 2] and [k["step"] for k in info["checks"]] == [0, 1, 2]
@@ -223,7 +223,7 @@ def test_joint_retrain_options_are_checked(lenet):
                       ({"retrain_distill": "x"}, "retrain_distill = 'x'"),
                       ({"retrain_continue": "maybe"}, "retrain_continue = 'maybe'")):
         with pytest.raises(ValueError, match=re.escape(msg)):
-            run._joint_retrained(model, net, splits, ev, ev, ev, None, res, 0.01, 3.0, 0.5, 1,
+            run._joint_retrained(model, net, splits, ev, ev, None, res, 0.01, 3.0, 0.5, 1,
                                  opts, 1, False, None)
 
 
@@ -245,3 +245,32 @@ def test_report_labels_say_whether_retraining_was_adopted():
     assert _label(s) == "joint+retrained"
     s["info"]["retrain"] = {"adopted": False}
     assert _label(s) == "joint+retrain(not adopted)"
+
+
+def test_carried_over_rungs_keep_taps_and_real_thresholds(lenet):
+    """A predictive rung on a retrained (here: rescaled, one weight's sign flipped) layer
+    keeps its speculative taps and its thresholds as real partial sums; the rest of the
+    order follows the new weights (positive first) and the layer still validates."""
+    import dataclasses
+
+    _, net, _ = lenet
+    L = net.layers[1]
+    n = np.full(L.cout, 4)
+    th = np.arange(L.cout, dtype=np.int64) * 3 - 5
+    rung = snapea.predictive(L, n, th)
+    w2 = np.asarray(L.w).copy()
+    flat = w2.reshape(L.cout, -1)
+    tail = int(rung.order[0][-1])                  # a non-speculative tap of kernel 0
+    flat[0, tail] = abs(int(flat[0, tail])) + 1     # now positive
+    meta = dict(L.meta, s_x=float(L.meta["s_x"]) * 2.0)
+    L2 = dataclasses.replace(L, w=w2, meta=meta)
+    got = snapea.carried_over(rung, L2)
+    got.validate()
+    for c in range(L.cout):
+        assert list(got.order[c][:4]) == list(rung.order[c][:4])
+        rest = got.order[c][4:int(got.neg_start[c])]
+        assert (flat[c, rest] > 0).all()
+        assert (flat[c, got.order[c][int(got.neg_start[c]):]] <= 0).all()
+    assert np.array_equal(got.th, np.round(th / 2.0).astype(np.int64))
+    assert snapea.carried_over(snapea.exact(L), L2).et == "exact"
+    assert int(tail) in list(got.order[0][4:int(got.neg_start[0])])

@@ -295,7 +295,7 @@ def optimize_model(model_name: str, method: str, eps: float, out_dir, *, g: int 
         info["search_budget"] = eps * margin
         if retrain:
             net_c, ev_c, plan, info["retrain"] = _joint_retrained(
-                model, net, splits, ev, ev_s, ev_r, lad, res, eps, margin, val_margin,
+                model, net, splits, ev, ev_r, lad, res, eps, margin, val_margin,
                 retrain, options, g, progress, search)
 
     if holdout is not None:
@@ -558,7 +558,7 @@ def _zero_pred_retrained(model, net, splits, ev, ev_r, holdout, trail, plan, bud
     return net_rt, ev_rt, chosen, info
 
 
-def _joint_retrained(model, net, splits, ev, ev_s, ev_r, lad, res, eps, margin, val_margin,
+def _joint_retrained(model, net, splits, ev, ev_r, lad, res, eps, margin, val_margin,
                      epochs, options, g, progress, search):
     """Retrain with the joint configurations in the forward pass, export again, walk the
     search's trajectory past its chosen step again on the retrained network, and continue
@@ -604,8 +604,7 @@ def _joint_retrained(model, net, splits, ev, ev_s, ev_r, lad, res, eps, margin, 
     info["train_seconds"] = round(time.monotonic() - t0, 1)
     ev_rt = NetEval(net_rt, ev.x, ev.y, g, reference=ev.base)
     ev_r_rt = NetEval(net_rt, ev_r.x, ev_r.y, g, reference=ev_r.base)
-    ev_s_rt = NetEval(net_rt, ev_s.x, ev_s.y, g)
-    lad_rt = _ladders_after_retraining(lad, net, net_rt, ev_s_rt)
+    lad_rt = _ladders_after_retraining(lad, net, net_rt)
     info["dense_drop_calib"] = ev_rt.base.acc - ev_rt.guarded_acc(ev_rt.run({}))
     ho = HeldOut(ev_rt, eps, val_margin)
     candidates = []     # (MAC reduction on the calibration images, label, states), within both
@@ -648,23 +647,21 @@ def _joint_retrained(model, net, splits, ev, ev_s, ev_r, lad, res, eps, margin, 
     return net_rt, ev_rt, plan, info
 
 
-def _ladders_after_retraining(lad, net, net_rt, ev_s_rt):
+def _ladders_after_retraining(lad, net, net_rt):
     """The joint ladders on a retrained network: the same zero-prediction windows,
     perforation masks and VELCRO thresholds and positions (the old variances), VELCRO's
-    averages in the new output scales, SnaPEA rungs profiled again on ``ev_s_rt`` (the same
-    tolerances)."""
-    new = joint.build_ladders(ev_s_rt, first_layer_velcro=True,
-                              tolerances=joint.WIDE_TOLERANCES, zp_windows=(),
-                              velcro_steps=(), perf_rates=())
-    et = []
-    for old_tol, tol, rungs in zip(lad.et_tol, new.et_tol, new.et):
-        # Rung by rung, the same tolerance (a tolerance at which no kernel of the new layer
-        # speculates has no rung: the next lower one stands in).
-        et.append([rungs[max([j for j, t in enumerate(tol) if t is None or t <= ot]
-                             or [0])] if ot is not None else None for ot in old_tol])
+    averages in the new output scales, and the SnaPEA rungs the network was trained with
+    carried over (:func:`snapea.carried_over`: the same speculative taps, the thresholds as
+    the same real partial sums). Profiling new rungs at the same tolerances instead gave
+    other taps and thresholds than the retraining's: on vgg_small, a network retrained
+    through one step's stops then lost 9.6 calibration points with them, 4.8 with the
+    carried-over ones (docs/benchmarks.md, Methods)."""
+    et = [[None if r is None else snapea.carried_over(r, Lr) for r in rungs]
+          for rungs, Lr in zip(lad.et, net_rt.layers)]
     bv = [(B * (float(L.meta["s_y"]) / float(Lr.meta["s_y"])), V)
           for (B, V), L, Lr in zip(lad.bv, net.layers, net_rt.layers)]
-    return joint.Ladders(et=et, zp=lad.zp, velcro=lad.velcro, perf=lad.perf, bv=bv)
+    return joint.Ladders(et=et, zp=lad.zp, velcro=lad.velcro, perf=lad.perf, bv=bv,
+                         et_tol=lad.et_tol)
 
 
 def _augmented(net, splits, options, g):

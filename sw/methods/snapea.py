@@ -75,11 +75,12 @@ def speculative_taps(wc: np.ndarray, n: int) -> np.ndarray:
     return np.array([int(gr[np.argmax(np.abs(wc[gr]))]) for gr in groups], np.int64)
 
 
-def predictive(layer: Layer, n: np.ndarray, th: np.ndarray) -> Layer:
+def predictive(layer: Layer, n: np.ndarray, th: np.ndarray, taps=None) -> Layer:
     """The predictive-mode layer with ``n[c]`` speculative taps and threshold ``th[c]``.
 
-    Kernels with ``n[c] == 0`` run in exact mode (a zero-tap speculation never fires when
-    ``th[c]`` is below the bias; we set it so).
+    ``taps[c]`` (default :func:`speculative_taps` of the layer's weights) are kernel ``c``'s
+    speculative taps. Kernels with ``n[c] == 0`` run in exact mode (a zero-tap speculation
+    never fires when ``th[c]`` is below the bias; we set it so).
     """
     cout = layer.cout
     wf = np.asarray(layer.w).reshape(cout, -1)
@@ -88,7 +89,10 @@ def predictive(layer: Layer, n: np.ndarray, th: np.ndarray) -> Layer:
     th = np.asarray(th, np.int64).copy()
     orders, negs = [], []
     for c in range(cout):
-        order, neg = _exact_order(wf[c], speculative_taps(wf[c], int(n[c])))
+        front = speculative_taps(wf[c], int(n[c])) if taps is None else taps[c]
+        if len(front) != int(n[c]):
+            raise ValueError(f"kernel {c}: {len(front)} speculative taps, n = {int(n[c])}")
+        order, neg = _exact_order(wf[c], front)
         if layer.act_signed:
             neg = t                       # a signed input allows only the final check
         orders.append(order)
@@ -114,6 +118,20 @@ class KernelProfile:
     all_psums: list       # [j][c] sorted array
     gain: list            # [j][c] array aligned with all_psums
     n_positions: int
+
+
+def carried_over(rung: Layer, layer: Layer) -> Layer:
+    """``rung`` (an early-termination configuration of an earlier version of ``layer``, e.g.
+    before retraining) on ``layer``: exact stays exact; predictive keeps its speculative
+    taps and its thresholds as real partial sums (``th * s_x * s_w``, in ``layer``'s scales),
+    the other taps ordered by ``layer``'s weights."""
+    if rung.et == "exact":
+        return exact(layer)
+    old = float(rung.meta["s_x"]) * np.asarray(rung.meta["s_w"], np.float64)
+    new = float(layer.meta["s_x"]) * np.asarray(layer.meta["s_w"], np.float64)
+    th = np.clip(np.round(np.asarray(rung.th, np.float64) * old / new), -(1 << 31), (1 << 31) - 1)
+    taps = [np.asarray(rung.order[c])[:int(rung.spec[c])] for c in range(layer.cout)]
+    return predictive(layer, rung.spec, th.astype(np.int64), taps)
 
 
 def _candidate_ns(t: int, g: int) -> list:
