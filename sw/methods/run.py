@@ -571,9 +571,9 @@ def _joint_retrained(model, net, splits, ev, ev_r, lad, res, eps, margin, val_ma
     outputs, so that the dense function drifts less. The retrained model is exported again
     with the calibration images (its own scales) and the same trajectory is put on its
     layers: the same zero prediction windows, perforation masks and VELCRO positions,
-    VELCRO's stored averages re-expressed in the new output scale (``B * s_y / s_y'``),
-    SnaPEA rungs profiled again on the new weights (same tolerances: order and ``neg_start``
-    follow the weights' signs). Every step from the chosen one on is evaluated on the search
+    VELCRO's stored averages re-expressed in the new output scale (``B * s_y / s_y'``), the
+    SnaPEA rungs trained with carried over (:func:`_ladders_after_retraining`). Every step
+    from the chosen one on is evaluated on the search
     images (within ``eps * margin``) and on the calibration images (within ``eps *
     val_margin``), drops against the *original* dense network. With ``retrain_continue``
     (option, default :data:`JOINT_RETRAIN_CONTINUE`) the greedy search (``search``, the same
