@@ -121,20 +121,19 @@ def run(args) -> int:
         options["warm"] = args.joint_warm
     if (args.retrain is not None or args.retrain_lr is not None or args.retrain_set
             or args.retrain_distill is not None or args.retrain_continue is not None):
-        if args.method not in ("zero_pred", "joint"):
-            print(f"skipconv optimize: --retrain / --retrain-lr: only with --method zero_pred "
-                  f"or joint (--method {args.method})", file=sys.stderr)
-            return 2
+        for name in ("retrain_distill", "retrain_continue"):
+            if getattr(args, name) is not None and args.method != "joint":
+                print(f"skipconv optimize: --{name.replace('_', '-')}: only with --method joint",
+                      file=sys.stderr)
+                return 2
         if args.retrain_set and args.method != "zero_pred":
             print("skipconv optimize: --retrain-set: only with --method zero_pred",
                   file=sys.stderr)
             return 2
-        for name in ("retrain_distill", "retrain_continue"):
-            v = getattr(args, name)
-            if v is not None and args.method != "joint":
-                print(f"skipconv optimize: --{name.replace('_', '-')}: only with --method joint",
-                      file=sys.stderr)
-                return 2
+        if args.method not in ("zero_pred", "joint"):
+            print(f"skipconv optimize: --retrain / --retrain-lr: only with --method zero_pred "
+                  f"or joint (--method {args.method})", file=sys.stderr)
+            return 2
         if args.retrain_distill is not None:
             if not 0 <= args.retrain_distill < 1:
                 print(f"skipconv optimize: --retrain-distill {args.retrain_distill}: must be "

@@ -155,6 +155,9 @@ def test_optimize_retrain_options_for_joint(tmp_path, capsys):
     assert main(["optimize", "lenet", "--method", "zero_pred", "--retrain", "2",
                  "--retrain-distill", "0.5", "-o", str(tmp_path)]) == 2
     assert "--retrain-distill: only with --method joint" in capsys.readouterr().err
+    assert main(["optimize", "lenet", "--method", "velcro", "--retrain-continue", "yes", "-o",
+                 str(tmp_path)]) == 2
+    assert "--retrain-continue: only with --method joint" in capsys.readouterr().err
     assert main(["optimize", "lenet", "--method", "joint", "--retrain", "2",
                  "--retrain-distill", "1.5", "-o", str(tmp_path)]) == 2
     assert "--retrain-distill 1.5: must be in [0, 1)" in capsys.readouterr().err
