@@ -74,7 +74,7 @@ class Dispatcher(wiring.Component):
         with m.If(rr.valid):
             m.d.sync += [self.grant.eq(rr.grant), self.unit.eq(u)]
         m.d.comb += [
-            u.c.eq(c), u.bias.eq(self.prm_data.bias), u.stop0.eq(self.prm_data.stop0),
+            u.c.eq(c), u.stop0.eq(self.prm_data.stop0),
             u.wbase.eq(wbase), u.widx.eq(widx),
             u.oaddr.eq(rowaddr + x0), u.iy0.eq(row_iy0),
             u.ix0.eq(x0s - L.pad), u.base.eq(row_base + x0s),

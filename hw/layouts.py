@@ -32,22 +32,31 @@ def layer_layout(hp: HwParams):
 
 
 def param_layout(hp: HwParams):
-    """Per-channel parameters; ``stop0`` = early termination fires at check point 0."""
+    """Per-channel parameters; ``stop0`` = early termination fires at check point 0.
+
+    The PEs sum products only; the writer adds the bias. Their early-termination bounds are
+    therefore moved by the bias at load time: ``th_b = th - bias`` (``sum + bias <= th``),
+    ``nb = -bias`` (``sum + bias <= 0``), and ``th_neg`` (``th < 0``: where both rules apply,
+    the exact one is the tighter).
+    """
     return data.StructLayout({
         "bias": signed(32), "m": 16, "sh": 6, "neg_start": hp.tap_bits, "spec": hp.tap_bits,
-        "th": signed(32), "stop0": 1,
+        "th_b": signed(33), "nb": signed(33), "th_neg": 1, "stop0": 1,
     })
 
 
 #: The fields of :func:`param_layout` each reader of the channel parameters uses; every reader
 #: has its own memory of just these (one read port each). The PEs look their early-termination
-#: parameters up by channel in the ring instead of carrying them with every position.
+#: parameters up by channel in the ring instead of carrying them with every position, and
+#: the bias joins the sum only in the writer: no position carries it through the
+#: dispatcher, the PE's slots, its ready queue and its ring.
 PARAM_READERS = {
-    "dispatch": ("bias", "stop0"),
-    "pe": ("spec", "th"),   # a replica in every PE (early termination; "only non-positive
-                            # weights remain" is a flag of the weight rows, weight_layout)
+    "dispatch": ("stop0",),
+    # a replica in every PE (early termination; "only non-positive weights remain" is a flag
+    # of the weight rows, weight_layout)
+    "pe": ("spec", "th_b", "nb", "th_neg"),
     "loader": ("neg_start",),           # the loader's, to set that flag (early termination)
-    "writer": ("m", "sh"),
+    "writer": ("m", "sh", "bias"),
     "responder": ("stop0",),
 }
 
@@ -112,7 +121,7 @@ def _position_fields(hp: HwParams):
 
 def _channel_fields(hp: HwParams):
     return {
-        "c": hp.c_bits, "bias": signed(32), "wbase": hp.row_bits,
+        "c": hp.c_bits, "wbase": hp.row_bits,
     }
 
 
@@ -132,7 +141,10 @@ def ready_layout(hp: HwParams):
 
 
 def result_layout(hp: HwParams):
-    """What a PE hands to the writer: a finished position, or a window decision (``win``)."""
+    """What a PE hands to the writer: a finished position, or a window decision (``win``).
+
+    ``psum`` is the sum of the products, without the bias (the writer adds it).
+    """
     return data.StructLayout({
         "win": 1, "oaddr": hp.ofa_bits, "c": hp.c_bits, "psum": signed(hp.acc_bits),
         "fired": 1, "e": hp.tap_bits, "leader": 1, "slot": hp.slot_bits,

@@ -652,7 +652,9 @@ class Loader(wiring.Component):
                     if not cfg.has("early_term"):
                         # et != 0 was refused on word 3: nothing reads neg_start, spec, th
                         stop0 = Const(0)
-                    m.d.sync += [pc.th.eq(th), pc.stop0.eq(stop0), pc_j.eq(0),
+                    # the PEs' bounds for a sum without the bias (param_layout)
+                    m.d.sync += [pc.th_b.eq(th - pc.bias), pc.nb.eq(-pc.bias),
+                                 pc.th_neg.eq(th < 0), pc.stop0.eq(stop0), pc_j.eq(0),
                                  self.prm.en.eq(1)]
         with m.Else():
             # weights in tap order: [15:0] weight (low weight_bits used), [31:16] tap index

@@ -244,7 +244,7 @@ class PE(wiring.Component):
         with m.If(advance):
             m.d.sync += [
                 b_follow.eq(follow),
-                b_pos.c.eq(cur.c), b_pos.bias.eq(cur.bias), b_pos.wbase.eq(cur.wbase),
+                b_pos.c.eq(cur.c), b_pos.wbase.eq(cur.wbase),
                 b_pos.oaddr.eq(p_oaddr), b_pos.iy0.eq(p_iy0), b_pos.ix0.eq(p_ix0),
                 b_pos.base.eq(p_base), b_pos.slot.eq(cur_slot),
             ]
@@ -407,7 +407,7 @@ class PE(wiring.Component):
         with m.If(take_new):
             m.d.sync += [
                 n1.valid.eq(1), n1.issued.eq(1), n1.lv.eq(lv), n1.c.eq(nq.c),
-                n1.oaddr.eq(nq.oaddr), n1.psum.eq(nq.bias), n1.e.eq(e_next),
+                n1.oaddr.eq(nq.oaddr), n1.psum.eq(0), n1.e.eq(e_next),
                 n1.wrow.eq(nq.wbase + 1), n1.leader.eq(nq.leader), n1.slot.eq(nq.slot),
                 n1.iy0.eq(nq.iy0), n1.ix0.eq(nq.ix0), n1.base.eq(nq.base),
             ]
@@ -463,22 +463,23 @@ class PE(wiring.Component):
         # stage 4: the row's flag and the channel's spec and th (read with stage 3's
         # channel) decide which check this round's sum faces: "sum <= th" at the speculation
         # point, "sum <= 0" once only non-positive weights remain, "sum <= max(th, 0)" when
-        # both apply. One bound x, so that stage 6 needs a single compare.
+        # both apply. One bound x, so that stage 6 needs a single compare. The ring's sum
+        # has no bias (the writer adds it): the bounds come moved by it (param_layout).
         s5_check = Signal()                 # a rule of semantics.md section 4 applies
-        s5_x = Signal(signed(32))           # its bound: th or 0
+        s5_x = Signal(signed(33))           # its bound: th - bias or -bias
         if cfg.has("early_term"):
-            th = p_rd.data.th
+            prm_c = p_rd.data
             m.d.comb += p_rd.addr.eq(ctx[3].c)
             neg = ctx[4].neg
-            at_spec = pred & (ctx[4].e == p_rd.data.spec)
+            at_spec = pred & (ctx[4].e == prm_c.spec)
             m.d.sync += [s5_check.eq(at_spec | (et_on & neg)),
-                         s5_x.eq(Mux(at_spec & ~(neg & (th < 0)), th, 0))]
+                         s5_x.eq(Mux(at_spec & ~(neg & prm_c.th_neg), prm_c.th_b, prm_c.nb))]
 
         # stage 5: multiply (product registered); the bound moves on with its round
         s6_p = [Signal(signed(hp.prod_bits), name=f"s6_p{j}") for j in range(g)]
         for j in range(g):
             m.d.sync += s6_p[j].eq(s5_a[j] * s5_w[j])
-        s6_x = Signal(signed(32))
+        s6_x = Signal(signed(33))
         s6_check = Signal()
         m.d.sync += [ctx[6].eq(ctx[5]), s6_x.eq(s5_x), s6_check.eq(s5_check)]
 

@@ -91,7 +91,7 @@ class Writer(wiring.Component):
         m.d.comb += self.prm_addr.eq(rc.c)
 
         # stage 1: the channel's parameters arrive (registered: no memory output feeds the
-        # multiplier); the sign of the sum
+        # multiplier); the bias joins the sum (the PEs sum products only)
         v0 = Signal()
         r0 = Signal(rl)
         pe0 = Signal.like(pec)
@@ -101,11 +101,11 @@ class Writer(wiring.Component):
         pe1 = Signal.like(pe0)
         m1 = Signal(16)
         sh1 = Signal(6)
-        pos = Signal()
-        m.d.sync += [v1.eq(v0), r1.eq(r0), pe1.eq(pe0), m1.eq(self.prm_data.m),
-                     sh1.eq(self.prm_data.sh), pos.eq(gt_const(r0.psum, 0) & ~r0.fired)]
+        m.d.sync += [v1.eq(v0), r1.eq(r0), r1.psum.eq(r0.psum + self.prm_data.bias),
+                     pe1.eq(pe0), m1.eq(self.prm_data.m), sh1.eq(self.prm_data.sh)]
 
-        # stage 2: multiply (registered)
+        # stage 2: multiply (registered) and the sign of the sum; a sum that is not positive
+        # outputs 0 (stage 3), whatever its product
         v2 = Signal()
         r2 = Signal(rl)
         pe2 = Signal.like(pe0)
@@ -113,8 +113,9 @@ class Writer(wiring.Component):
         sh2 = Signal(6)
         raw2 = Signal(hp.value_bits)
         pos2 = Signal()
-        m.d.sync += [v2.eq(v1), r2.eq(r1), pe2.eq(pe1), sh2.eq(sh1), pos2.eq(pos),
-                     prod.eq(Mux(pos, r1.psum, 0).as_unsigned() * m1),
+        m.d.sync += [v2.eq(v1), r2.eq(r1), pe2.eq(pe1), sh2.eq(sh1),
+                     pos2.eq(gt_const(r1.psum, 0) & ~r1.fired),
+                     prod.eq(r1.psum.as_unsigned() * m1),
                      raw2.eq(Mux(gt_const(r1.psum, INT32_MAX), INT32_MAX, r1.psum))]
 
         # stage 2: round and shift (registered)

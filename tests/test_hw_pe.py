@@ -79,11 +79,13 @@ def test_pe_stops_where_the_rules_say(g, et):
             ctx.set(dut.ifm, {"en": 1, "addr": i, "data": int(v)})
             await ctx.tick()
         ctx.set(dut.ifm.en, 0)
+        # the PE sums products only: its bounds come moved by the bias (param_layout)
+        b0, th0 = int(L.b[0]), int(L.th[0])
         ctx.set(dut.prm, {"en": 1, "addr": 0, "data": {
-            "spec": int(L.spec[0]), "th": int(L.th[0])}})
+            "spec": int(L.spec[0]), "th_b": th0 - b0, "nb": -b0, "th_neg": int(th0 < 0)}})
         await ctx.tick()
         ctx.set(dut.prm.en, 0)
-        ctx.set(dut.unit, {"c": 0, "bias": int(L.b[0]), "stop0": 0,
+        ctx.set(dut.unit, {"c": 0, "stop0": 0,
                            "wbase": 0, "oaddr": 0, "iy0": -pad, "ix0": -pad,
                            "base": -(pad * w + pad), "widx": 0, "hmax": 1, "wmax": n_pos})
         await ctx.tick().until(dut.req)
@@ -115,6 +117,6 @@ def test_pe_stops_where_the_rules_say(g, et):
             iy = np.arange(k)[:, None] - pad
             ix = xx + np.arange(k)[None, :] - pad
             xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad)))
-            acc = int(L.b[0]) + int((L.w[0] * xp[:, iy + pad, ix + pad]).sum())
-            assert psum == acc, xx
+            products = int((L.w[0] * xp[:, iy + pad, ix + pad]).sum())
+            assert psum == products, xx         # the writer adds the bias
     assert both or not late, "no position exercised the exact rule at the speculation point"
