@@ -11,7 +11,7 @@ from amaranth.utils import ceil_log2
 from ..sw.config import EngineConfig
 
 __all__ = ["HwParams", "RING_DEPTH", "UNIT_WIDTH", "SLOTS", "MAGIC", "Op", "Reply", "Err",
-           "FEATURE_BITS", "COUNTER_WORDS"]
+           "FEATURE_BITS", "COUNTER_WORDS", "PREFETCH_SLOTS"]
 
 #: Pipeline stages of a PE (issue, registered weight row, address, ifmap read, registered
 #: read data, multiply, accumulate); the ring holds this many independent contexts so that
@@ -21,9 +21,14 @@ RING_DEPTH = 7
 #: end-of-layer imbalance between PEs stays a few positions, large enough that the dispatcher
 #: (one unit per cycle for all PEs) never starves them.
 UNIT_WIDTH = 4
-#: Work units (windows) a PE holds at once: leaders of later windows run while earlier windows
-#: wait for their decision.
+#: Work units (windows) a PE holds at once with zero prediction: leaders of later windows run
+#: while earlier windows wait for their decision.
 SLOTS = 4
+#: ... and without it, where a unit is done once scanned: one unit in hand while another is
+#: scanned hides the dispatcher's round trip (the same cycles as 4 slots on dense and
+#: early-termination layers down to 1x1 kernels; on iCE40 the two slots saved are ~210
+#: logic cells of flip-flops and read multiplexers, docs/benchmarks.md, Boards).
+PREFETCH_SLOTS = 2
 #: Depth of a PE's queue of positions ready to enter the ring.
 READY_DEPTH = 4
 #: Depth of a PE's result FIFO towards the writer.
@@ -86,8 +91,8 @@ class HwParams:
         self.lanes = c.lanes
         self.g = c.g
         self.depth = RING_DEPTH
-        self.slots = SLOTS
-        self.slot_bits = ceil_log2(SLOTS)
+        self.slots = SLOTS if c.has("zero_pred") else PREFETCH_SLOTS
+        self.slot_bits = ceil_log2(self.slots)
         self.unit_width = UNIT_WIDTH
         self.gather_fan = GATHER_FAN
         self.acc_bits = c.acc_bits
