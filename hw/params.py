@@ -17,6 +17,9 @@ __all__ = ["HwParams", "RING_DEPTH", "UNIT_WIDTH", "SLOTS", "MAGIC", "Op", "Repl
 #: read data, multiply, accumulate); the ring holds this many independent contexts so that
 #: each one's partial sum is up to date when its next taps issue.
 RING_DEPTH = 7
+#: The two stages that only register block RAM read data a second time (for Fmax on the
+#: LUT-RAM FPGAs); targets without LUT RAM (iCE40) are built for a slow clock and go without.
+READ_REGISTER_STAGES = 2
 #: Positions per work unit when the layer does not use zero prediction: small enough that the
 #: end-of-layer imbalance between PEs stays a few positions, large enough that the dispatcher
 #: (one unit per cycle for all PEs) never starves them.
@@ -79,7 +82,9 @@ class HwParams:
     """Widths and depths of the engine built for ``config``.
 
     ``lut_ram``: the target has distributed (LUT) RAM, where small memories and FIFOs are
-    cheapest; without it (iCE40) they go to block RAM instead of flip-flops.
+    cheapest; without it (iCE40) they go to block RAM instead of flip-flops, and the PE ring
+    leaves out its read-register stages (``read_registers``): two contexts fewer, each a
+    copy of every field in flip-flops that an iCE40 logic cell holds alone.
     """
 
     def __init__(self, config: EngineConfig, *, lut_ram: bool = True):
@@ -90,7 +95,8 @@ class HwParams:
         self.lut_ram = bool(lut_ram)
         self.lanes = c.lanes
         self.g = c.g
-        self.depth = RING_DEPTH
+        self.read_registers = self.lut_ram
+        self.depth = RING_DEPTH if self.read_registers else RING_DEPTH - READ_REGISTER_STAGES
         self.slots = SLOTS if c.has("zero_pred") else PREFETCH_SLOTS
         self.slot_bits = ceil_log2(self.slots)
         self.unit_width = UNIT_WIDTH

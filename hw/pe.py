@@ -1,6 +1,7 @@
 """One processing element: a unit scanner feeding a barrel ring of independent positions.
 
-The ring holds ``RING_DEPTH`` contexts, one per pipeline stage; each cycle the context in
+The ring holds one context per pipeline stage (``HwParams.depth``: 7, or 5 on iCE40 without
+the read-register stages); each cycle the context in
 stage 0 checks early termination on its (up to date) partial sum, and either finishes
 (handing its result to the writer and taking a new position in the same cycle) or issues its
 next ``g`` taps. A stop therefore frees the PE at once and costs no pipeline bubbles.
@@ -421,15 +422,25 @@ class PE(wiring.Component):
         with m.Else():
             m.d.sync += [n1.valid.eq(0), n1.issued.eq(0)]
 
+        # The stages after stage 0, numbered for the full ring; without the read registers
+        # (``hp.read_registers``, iCE40) stages 1 and 4 are left out, and ``k`` is the
+        # context that each stage works on.
+        k = 1
+        regs = hp.read_registers
+
         # stage 1: register the weight row (BRAM output register)
-        wrow = Signal(ew * g)
-        m.d.sync += [wrow.eq(w_rd.data), ctx[2].eq(ctx[1])]
+        if regs:
+            wrow = Signal(ew * g)
+            m.d.sync += [wrow.eq(w_rd.data), ctx[k + 1].eq(ctx[k])]
+            k += 1
+        else:
+            wrow = w_rd.data
 
         # stage 2: ifmap addresses and padding checks
         s3_addr = [Signal(hp.ifa_bits, name=f"s3_addr{j}") for j in range(g)]
         s3_use = [Signal(name=f"s3_use{j}") for j in range(g)]
         s3_w = [Signal(signed(cfg.weight_bits), name=f"s3_w{j}") for j in range(g)]
-        c2 = ctx[2]
+        c2 = ctx[k]
         for j in range(g):
             ent = wl(wrow[j * ew:(j + 1) * ew])
             iy = c2.iy0 + ent.ky
@@ -437,43 +448,52 @@ class PE(wiring.Component):
             inb = (iy >= 0) & (iy < L.h) & (ix >= 0) & (ix < L.w)
             m.d.sync += [s3_addr[j].eq(c2.base + ent.off), s3_w[j].eq(ent.w),
                          s3_use[j].eq(inb & c2.issued & c2.lv[j])]
-        m.d.sync += ctx[3].eq(c2)
+        m.d.sync += ctx[k + 1].eq(c2)
         if cfg.has("early_term"):
             # a round that issued nothing (a retry) keeps the flag it had
             with m.If(c2.issued):
-                m.d.sync += ctx[3].neg.eq(wl(wrow[:ew]).neg)
+                m.d.sync += ctx[k + 1].neg.eq(wl(wrow[:ew]).neg)
+        k += 1
 
-        # stage 3: ifmap read
+        # stage 3: ifmap read; the channel's spec and th are read with it
         s4_use = [Signal(name=f"s4_use{j}") for j in range(g)]
         s4_w = [Signal(signed(cfg.weight_bits), name=f"s4_w{j}") for j in range(g)]
         for j in range(g):
             m.d.comb += i_rd[j].addr.eq(s3_addr[j])
             m.d.sync += [s4_use[j].eq(s3_use[j]), s4_w[j].eq(s3_w[j])]
-        m.d.sync += ctx[4].eq(ctx[3])
+        if cfg.has("early_term"):
+            m.d.comb += p_rd.addr.eq(ctx[k].c)
+        m.d.sync += ctx[k + 1].eq(ctx[k])
+        k += 1
 
-        # stage 4: register the ifmap data (BRAM output register)
-        s5_a = [Signal(signed(cfg.act_bits + 1), name=f"s5_a{j}") for j in range(g)]
-        s5_w = [Signal(signed(cfg.weight_bits), name=f"s5_w{j}") for j in range(g)]
-        for j in range(g):
-            raw = i_rd[j].data
-            a = Mux(L.act_signed, raw.as_signed(), raw)
-            m.d.sync += [s5_a[j].eq(Mux(s4_use[j], a, 0)), s5_w[j].eq(s4_w[j])]
-        m.d.sync += ctx[5].eq(ctx[4])
-
-        # stage 4: the row's flag and the channel's spec and th (read with stage 3's
-        # channel) decide which check this round's sum faces: "sum <= th" at the speculation
-        # point, "sum <= 0" once only non-positive weights remain, "sum <= max(th, 0)" when
-        # both apply. One bound x, so that stage 6 needs a single compare. The ring's sum
-        # has no bias (the writer adds it): the bounds come moved by it (param_layout).
-        s5_check = Signal()                 # a rule of semantics.md section 4 applies
-        s5_x = Signal(signed(33))           # its bound: th - bias or -bias
+        # stage 4: the ifmap data arrives (registered again with the read registers). The
+        # row's flag and the channel's spec and th decide which check this round's sum
+        # faces: "sum <= th" at the speculation point, "sum <= 0" once only non-positive
+        # weights remain, "sum <= max(th, 0)" when both apply. One bound x, so that the
+        # accumulate stage needs a single compare. The ring's sum has no bias (the writer
+        # adds it): the bounds come moved by it (param_layout).
+        act = [Mux(s4_use[j], Mux(L.act_signed, i_rd[j].data.as_signed(), i_rd[j].data), 0)
+               for j in range(g)]
+        check = Const(0)                    # a rule of semantics.md section 4 applies
+        bound = Const(0, signed(33))        # its bound: th - bias or -bias
         if cfg.has("early_term"):
             prm_c = p_rd.data
-            m.d.comb += p_rd.addr.eq(ctx[3].c)
-            neg = ctx[4].neg
-            at_spec = pred & (ctx[4].e == prm_c.spec)
-            m.d.sync += [s5_check.eq(at_spec | (et_on & neg)),
-                         s5_x.eq(Mux(at_spec & ~(neg & prm_c.th_neg), prm_c.th_b, prm_c.nb))]
+            neg = ctx[k].neg
+            at_spec = pred & (ctx[k].e == prm_c.spec)
+            check = at_spec | (et_on & neg)
+            bound = Mux(at_spec & ~(neg & prm_c.th_neg), prm_c.th_b, prm_c.nb)
+        s5_check = Signal()
+        s5_x = Signal(signed(33))
+        if regs:
+            s5_a = [Signal(signed(cfg.act_bits + 1), name=f"s5_a{j}") for j in range(g)]
+            s5_w = [Signal(signed(cfg.weight_bits), name=f"s5_w{j}") for j in range(g)]
+            m.d.sync += [s5_a[j].eq(act[j]) for j in range(g)]
+            m.d.sync += [s5_w[j].eq(s4_w[j]) for j in range(g)]
+            m.d.sync += [s5_check.eq(check), s5_x.eq(bound), ctx[k + 1].eq(ctx[k])]
+            k += 1
+        else:
+            s5_a, s5_w = act, s4_w
+            m.d.comb += [s5_check.eq(check), s5_x.eq(bound)]
 
         # stage 5: multiply (product registered); the bound moves on with its round
         s6_p = [Signal(signed(hp.prod_bits), name=f"s6_p{j}") for j in range(g)]
@@ -481,7 +501,8 @@ class PE(wiring.Component):
             m.d.sync += s6_p[j].eq(s5_a[j] * s5_w[j])
         s6_x = Signal(signed(33))
         s6_check = Signal()
-        m.d.sync += [ctx[6].eq(ctx[5]), s6_x.eq(s5_x), s6_check.eq(s5_check)]
+        m.d.sync += [ctx[k + 1].eq(ctx[k]), s6_x.eq(s5_x), s6_check.eq(s5_check)]
+        k += 1
 
         # stage 6: accumulate into the context's partial sum; stage 0's decisions. "sum <=
         # x" compares the new sum itself: a compare behind the add, instead of a full-width
@@ -490,14 +511,14 @@ class PE(wiring.Component):
         total = s6_p[0]
         for j in range(1, g):
             total = total + s6_p[j]
-        c6 = ctx[6]
+        c6 = ctx[k]
         new_sum = Signal(signed(hp.acc_bits))
         m.d.comb += new_sum.eq(c6.psum + total)
         enext6, lv6 = next_issue(c6.e)
         m.d.sync += [ctx[0].eq(c6), ctx[0].psum.eq(new_sum),
                      c0_fired.eq(s6_check & (new_sum <= s6_x)),
                      c0_end.eq(c6.e >= T), c0_enext.eq(enext6), c0_lv.eq(lv6)]
-        assert D == 7, "the stages above are written for a ring of 7 contexts"
+        assert k == D - 1, "one context per stage of the ring"
 
         busy = Signal()
         m.d.comb += busy.eq(Cat(*[k.valid for k in ctx]).any() | (count != 0) | scanning |

@@ -59,9 +59,10 @@ def test_layer_matches_golden(name, changes, kw, stall):
 
 @pytest.mark.parametrize("name,changes,kw,stall", [LAYERS[0], LAYERS[2]],
                          ids=[LAYERS[0][0], LAYERS[2][0]])
-def test_block_ram_build_replies_cycle_for_cycle(name, changes, kw, stall):
-    """The iCE40 build (``lut_ram=False``: small FIFOs and memories in block RAM) answers with
-    the default build's very messages, cycle counts included, and both match the golden model."""
+def test_block_ram_build_replies_like_the_default_build(name, changes, kw, stall):
+    """The iCE40 build (``lut_ram=False``: small FIFOs and memories in block RAM, a PE ring
+    without the read-register stages) answers with the default build's very messages, but
+    for the cycle count (its ring is two stages shorter), and both match the golden model."""
     from skipconv.hw.engine import Engine
     cfg = EngineConfig(**SMALL, features=ALL).replace(**changes)
     rng = np.random.default_rng(sum(map(ord, name)) + 1)
@@ -71,7 +72,12 @@ def test_block_ram_build_replies_cycle_for_cycle(name, changes, kw, stall):
     msgs = P.encode_commands(layer, x, cfg, trace=cfg.trace)
     default = run_messages(cfg, msgs, stall=stall)
     block = run_messages(cfg, msgs, stall=stall, engine=Engine(cfg, lut_ram=False))
-    assert block == default
+    counters = [P.decode_counters(r) for r in (block[-1], default[-1])]
+    assert counters[0]["cycles"] > 0
+    for c in counters:
+        del c["cycles"]
+    assert counters[0] == counters[1]
+    assert block[:-1] == default[:-1]
     np.testing.assert_array_equal(P.decode_ofmap(block[-3 if cfg.trace else -2], layer),
                                   golden.run(layer, x, cfg.g).out)
 

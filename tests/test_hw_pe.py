@@ -20,10 +20,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 import reference  # noqa: E402
 
 
+@pytest.mark.parametrize("lut_ram", [True, False], ids=["ring7", "ring5"])
 @pytest.mark.parametrize("g,et", [(1, "exact"), (2, "exact"), (1, "predictive"),
                                   (2, "predictive"), (2, "off"), (1, "predictive-late"),
                                   (2, "predictive-late")])
-def test_pe_stops_where_the_rules_say(g, et):
+def test_pe_stops_where_the_rules_say(g, et, lut_ram):
+    """Both rings: 7 contexts, and 5 without the read registers (the iCE40 build)."""
     rng = np.random.default_rng(7 * g + len(et))
     late = et == "predictive-late"
     et = "predictive" if late else et
@@ -56,7 +58,8 @@ def test_pe_stops_where_the_rules_say(g, et):
 
     cfg = EngineConfig(lanes=1, g=g, max_taps=64, max_ifmap=256, max_cout=2, max_ofmap=256,
                        max_k=3, max_p=2)
-    hp = HwParams(cfg)
+    hp = HwParams(cfg, lut_ram=lut_ram)
+    assert hp.depth == (7 if lut_ram else 5)
     dut = PE(hp)
     n_pos = min(hp.unit_width, wo)
     results = {}
