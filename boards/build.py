@@ -257,7 +257,9 @@ def tool_options(board: str, clock_mhz: float, seed: int = 1, pack_only: bool = 
     if spec.family == "ecp5" and not pack_only:
         out["nextpnr_opts"] += ECP5_PLACER_OPTS
     if spec.family == "ice40":
-        out["synth_opts"] = "-dsp"
+        # the iCEBreaker UP5K's own timing model for ABC (yosys defaults to the HX
+        # parts'): 36 fewer logic cells on the small engine (docs/benchmarks.md, Boards)
+        out["synth_opts"] = "-dsp -device u"
     if map_at_clock:
         out["script_after_read"] = f"scratchpad -set abc9.D {round(1e6 / clock_mhz)}"
     return out
