@@ -57,8 +57,8 @@ def test_layer_matches_golden(name, changes, kw, stall):
     _run_and_compare(cfg, layer, x, stall=stall)
 
 
-@pytest.mark.parametrize("name,changes,kw,stall", [LAYERS[0], LAYERS[2]],
-                         ids=[LAYERS[0][0], LAYERS[2][0]])
+@pytest.mark.parametrize("name,changes,kw,stall", [LAYERS[0], LAYERS[2], LAYERS[3]],
+                         ids=[LAYERS[0][0], LAYERS[2][0], LAYERS[3][0]])
 def test_block_ram_build_replies_like_the_default_build(name, changes, kw, stall):
     """The iCE40 build (``lut_ram=False``: small FIFOs and memories in block RAM, a PE ring
     without the read-register stages) answers with the default build's very messages, but
