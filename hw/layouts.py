@@ -41,7 +41,7 @@ def param_layout(hp: HwParams):
     """
     return data.StructLayout({
         "bias": signed(32), "m": 16, "sh": 6, "neg_start": hp.tap_bits, "spec": hp.tap_bits,
-        "th_b": signed(33), "nb": signed(33), "th_neg": 1, "stop0": 1,
+        "th_b": signed(hp.bound_bits), "nb": signed(hp.bound_bits), "th_neg": 1, "stop0": 1,
     })
 
 

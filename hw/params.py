@@ -119,6 +119,8 @@ class HwParams:
         self.base_bits = self.ifa_bits + self.k_bits + 3
         self.plan = bool(c.features & {"velcro", "perforation", "zero_pred"})
         self.value_bits = 31                            # raw outputs saturate at int32 max
+        # early-termination bounds for a sum without the bias: th - bias, -bias (int32 each)
+        self.bound_bits = 33
         # A layer's counters: at most Cout*Ho*Wo <= max_ofmap positions of <= max_taps MACs
         # (the loader refuses bigger layers); the protocol's words stay 64 and 32 bits wide.
         self.mac_bits = _bits(c.max_ofmap * c.max_taps)

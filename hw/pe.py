@@ -475,7 +475,7 @@ class PE(wiring.Component):
         act = [Mux(s4_use[j], Mux(L.act_signed, i_rd[j].data.as_signed(), i_rd[j].data), 0)
                for j in range(g)]
         check = Const(0)                    # a rule of semantics.md section 4 applies
-        bound = Const(0, signed(33))        # its bound: th - bias or -bias
+        bound = Const(0, signed(hp.bound_bits))  # its bound: th - bias or -bias
         if cfg.has("early_term"):
             prm_c = p_rd.data
             neg = ctx[k].neg
@@ -483,7 +483,7 @@ class PE(wiring.Component):
             check = at_spec | (et_on & neg)
             bound = Mux(at_spec & ~(neg & prm_c.th_neg), prm_c.th_b, prm_c.nb)
         s5_check = Signal()
-        s5_x = Signal(signed(33))
+        s5_x = Signal(signed(hp.bound_bits))
         if regs:
             s5_a = [Signal(signed(cfg.act_bits + 1), name=f"s5_a{j}") for j in range(g)]
             s5_w = [Signal(signed(cfg.weight_bits), name=f"s5_w{j}") for j in range(g)]
@@ -499,7 +499,7 @@ class PE(wiring.Component):
         s6_p = [Signal(signed(hp.prod_bits), name=f"s6_p{j}") for j in range(g)]
         for j in range(g):
             m.d.sync += s6_p[j].eq(s5_a[j] * s5_w[j])
-        s6_x = Signal(signed(33))
+        s6_x = Signal(signed(hp.bound_bits))
         s6_check = Signal()
         m.d.sync += [ctx[k + 1].eq(ctx[k]), s6_x.eq(s5_x), s6_check.eq(s5_check)]
         k += 1
