@@ -487,8 +487,8 @@ class PE(wiring.Component):
         if regs:
             s5_a = [Signal(signed(cfg.act_bits + 1), name=f"s5_a{j}") for j in range(g)]
             s5_w = [Signal(signed(cfg.weight_bits), name=f"s5_w{j}") for j in range(g)]
-            m.d.sync += [s5_a[j].eq(act[j]) for j in range(g)]
-            m.d.sync += [s5_w[j].eq(s4_w[j]) for j in range(g)]
+            for j in range(g):
+                m.d.sync += [s5_a[j].eq(act[j]), s5_w[j].eq(s4_w[j])]
             m.d.sync += [s5_check.eq(check), s5_x.eq(bound), ctx[k + 1].eq(ctx[k])]
             k += 1
         else:
